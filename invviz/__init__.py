@@ -1,0 +1,55 @@
+"""invviz: understand deep image representations by inverting them (Mahendran & Vedaldi, CVPR 2015)."""
+
+from .engine import (
+    Context,
+    DivergenceError,
+    InversionResult,
+    Objective,
+    Settings,
+    Step,
+    alpha_norm,
+    feature_error_squared,
+    invert,
+    match,
+    resolve_device,
+    tv,
+)
+from .images import SAMPLES, image_grid, load_image, png_bytes, roughness, sample_image, save_image
+from .representations import (
+    Box,
+    Representation,
+    available_models,
+    model_layers,
+    register_representation,
+    representation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMPLES",
+    "Box",
+    "Context",
+    "DivergenceError",
+    "InversionResult",
+    "Objective",
+    "Representation",
+    "Settings",
+    "Step",
+    "alpha_norm",
+    "available_models",
+    "feature_error_squared",
+    "image_grid",
+    "invert",
+    "load_image",
+    "match",
+    "model_layers",
+    "png_bytes",
+    "register_representation",
+    "representation",
+    "resolve_device",
+    "roughness",
+    "sample_image",
+    "save_image",
+    "tv",
+]

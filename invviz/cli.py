@@ -1,0 +1,308 @@
+"""Command line: ``invviz invert|features|models|layers|demo``.
+
+Every user error ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import numpy as np
+import torch
+
+from .engine import DivergenceError, InversionResult, Settings, Step
+from .engine.analyses import (
+    channel_gallery,
+    channel_mask,
+    diversity,
+    parse_channels,
+    receptive_field_crop,
+    restarts,
+    window_mask,
+)
+from .engine.invert import OPTIMIZERS
+from .images import image_grid, load_image, save_image
+from .representations import Representation, available_models, model_layers, model_options, representation
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _number(kind: type, *, minimum: float | None = None, strictly: bool = False) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value < minimum or (strictly and value == minimum)):
+            bound = f"greater than {minimum:g}" if strictly else f"at least {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, minimum=1)
+non_negative_int = _number(int, minimum=0)
+positive_float = _number(float, minimum=0, strictly=True)
+non_negative_float = _number(float, minimum=0)
+
+
+def code_window(text: str) -> tuple[int, int, int, int]:
+    """``"Y,X,H,W"`` in code cells: top-left cell and size of a window."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected Y,X,H,W (four non-negative integers, in code cells), got {text!r}")
+    y, x, h, w = (int(part) for part in parts)
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"window height and width must be at least 1, got {text!r}")
+    return y, x, h, w
+
+
+def _add_rep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="input image (any format Pillow reads)")
+    parser.add_argument("--rep", required=True, help="MODEL:LAYER, e.g. efficientnet_lite0:blocks.4, alexnet:conv3, hog")
+    parser.add_argument("--out", required=True, type=Path, help="output file")
+    parser.add_argument("--size", type=positive_int, help="resize (shorter side) and centre-crop to N×N; default: the model's native size")
+    parser.add_argument("--weights", help="CNN weights: imagenet (default), random, or a state-dict file")
+    parser.add_argument("--cell-size", type=positive_int, help="HOG cell size in pixels (default 8)")
+    parser.add_argument("--bin-size", type=positive_int, help="dense SIFT bin size in pixels (default 5)")
+    parser.add_argument("--step", type=positive_int, help="dense SIFT step in pixels (default 5)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="invviz", description="Invert deep and shallow image representations.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inv = commands.add_parser("invert", help="reconstruct an image from its code at a layer")
+    _add_rep_options(inv)
+    inv.add_argument("--metrics", type=Path, help="write JSON metrics here")
+    inv.add_argument("--iters", type=positive_int, default=Settings.iters)
+    inv.add_argument("--seed", type=non_negative_int, default=0)
+    inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
+    inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta)
+    inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight)
+    inv.add_argument("--alpha", type=positive_float, default=Settings.alpha)
+    inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
+    inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
+    inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer)
+    inv.add_argument("--quiet", action="store_true", help="no progress bar")
+    inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
+                     help="K reconstructions from different random starts: OUT.png, OUT-2.png … OUT-K.png, OUT-grid.png")
+    inv.add_argument("--channels", metavar="SPEC",
+                     help="channels, e.g. 0-15,32 / first-half / second-half: a gallery of each inverted alone")
+    inv.add_argument("--channels-together", action="store_true",
+                     help="match the --channels jointly in one reconstruction instead of a gallery")
+    inv.add_argument("--window", type=code_window, metavar="Y,X,H,W",
+                     help="match only this window of code cells; also writes OUT-rf.png (receptive-field crops)")
+
+    feat = commands.add_parser("features", help="write the code of an image as .npy")
+    _add_rep_options(feat)
+
+    commands.add_parser("models", help="list the models")
+
+    lay = commands.add_parser("layers", help="list a model's layers with code shapes and receptive fields")
+    lay.add_argument("model")
+    lay.add_argument("--size", type=positive_int, help="input size (default: the model's native size, or 224)")
+    lay.add_argument("--weights", default="random", help="weights used to build the model (shapes do not depend on them)")
+
+    demo = commands.add_parser("demo", help="reconstruct a sample photo at six depths of the bundled model")
+    demo.add_argument("--out", type=Path, default=Path("invviz-demo"), help="output folder")
+    demo.add_argument("--iters", type=positive_int, default=Settings.iters)
+    demo.add_argument("--image", help="an image file instead of the bundled sample")
+    demo.add_argument("--device", default="auto")
+    return parser
+
+
+def _representation(args: argparse.Namespace) -> Representation:
+    options = {
+        name: getattr(args, name)
+        for name in ("weights", "cell_size", "bin_size", "step")
+        if getattr(args, name, None) is not None
+    }
+    return representation(args.rep, **options)
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {path}")
+    if not path.parent.exists():
+        raise UsageError(f"output folder does not exist: {path.parent}")
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label = label
+        self.enabled = enabled
+        self._last = 0.0
+
+    def __call__(self, step: Step) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and step.step < step.total):
+            return
+        self._last = now
+        width = 30
+        filled = round(width * step.step / step.total)
+        error = f" err {step.feature_error[0]:.3f}" if step.feature_error else ""
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}")
+        if step.step == step.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _invert_command(args: argparse.Namespace) -> None:
+    _check_output(args.out, (".png",))
+    rep = _representation(args)
+    image = load_image(args.image, args.size or rep.native_size)
+    settings = Settings(
+        iters=args.iters,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        tv_weight=args.tv,
+        tv_beta=args.tv_beta,
+        alpha_weight=args.alpha_weight,
+        alpha=args.alpha,
+        jitter=args.jitter,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    progress = ProgressBar(rep.spec, enabled=not args.quiet)
+    gallery = args.channels is not None and not args.channels_together
+    if args.channels_together and args.channels is None:
+        raise UsageError("--channels-together needs --channels")
+    if gallery and args.restarts > 1:
+        raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
+    code_shape = rep.code_shape(*image.shape[1:])
+    mask = window_mask(code_shape, args.window) if args.window else None
+    if gallery:
+        channels = parse_channels(args.channels, code_shape[0])
+        tiles = channel_gallery(
+            rep, image, channels, mask=mask, settings=settings, device=args.device, on_step=lambda step, _: progress(step)
+        )
+        save_image(image_grid(tiles.images), args.out)
+        _write_receptive_fields(args, rep, image, tiles.images)
+        for channel, error in zip(tiles.channels, tiles.feature_error):
+            print(f"{args.out} channel {channel}: feature error {error:.4f}")
+        if args.metrics is not None:
+            args.metrics.write_text(json.dumps({**tiles.metrics(), "file": str(args.out)}, indent=2))
+        return
+    if args.channels_together:
+        selected = channel_mask(code_shape, parse_channels(args.channels, code_shape[0]))
+        mask = selected if mask is None else mask & selected
+    result = restarts(rep, image, args.restarts, mask=mask, settings=settings, device=args.device, on_step=progress)
+    files = [args.out] + [_sibling(args.out, str(k)) for k in range(2, args.restarts + 1)]
+    for file, reconstruction in zip(files, result.images):
+        save_image(reconstruction, file)
+    extra: dict[str, object] = {}
+    if args.restarts > 1:
+        save_image(image_grid(result.images), _sibling(args.out, "grid"))
+        extra["diversity"] = diversity(result.images)
+        print(f"diversity (mean pairwise RMS pixel distance): {extra['diversity']:.4f}")
+    _write_receptive_fields(args, rep, image, result.images)
+    _report(result, files, args.metrics, extra)
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """``out.png`` → ``out-SUFFIX.png``."""
+    return path.with_name(f"{path.stem}-{suffix}{path.suffix}")
+
+
+def _write_receptive_fields(args: argparse.Namespace, rep: Representation, image: torch.Tensor, images: torch.Tensor) -> None:
+    """With ``--window``: OUT-rf.png, the window's receptive field in the original and each reconstruction."""
+    if args.window is None:
+        return
+    y, x, h, w = args.window
+    box = rep.receptive_field((y, y + h), (x, x + w), *image.shape[1:])
+    crops = [receptive_field_crop(picture, box) for picture in [image, *images]]
+    save_image(image_grid(crops, columns=len(crops)), _sibling(args.out, "rf"))
+    print(f"{_sibling(args.out, 'rf')}: receptive field rows {box.top}:{box.bottom}, cols {box.left}:{box.right}")
+
+
+def _report(
+    result: InversionResult, files: Sequence[Path], metrics: Path | None, extra: dict[str, object] | None = None
+) -> None:
+    for file, error in zip(files, result.feature_error):
+        print(f"{file}: feature error {error:.4f} ({result.steps} iterations, {result.seconds:.1f} s)")
+    if metrics is not None:
+        record = result.metrics()
+        record["results"] = [{"file": str(f), "feature_error": e} for f, e in zip(files, result.feature_error)]
+        record.update(extra or {})
+        metrics.write_text(json.dumps(record, indent=2))
+
+
+def _features_command(args: argparse.Namespace) -> None:
+    _check_output(args.out, (".npy",))
+    rep = _representation(args)
+    image = load_image(args.image, args.size or rep.native_size)
+    with torch.no_grad():
+        code = rep(image[None])[0]
+    np.save(args.out, code.float().cpu().numpy().astype(np.float32))
+    print(f"{args.out}: {rep.spec} code of shape {tuple(code.shape)}")
+
+
+def _models_command(args: argparse.Namespace) -> None:
+    for name in available_models():
+        layers = model_layers(name)
+        print(f"{name:<20} {len(layers):>3} layers  {layers[0]} … {layers[-1]}")
+    print("Any torchvision classification model is accepted too, with its module paths as layers.")
+
+
+def _layers_command(args: argparse.Namespace) -> None:
+    layers = model_layers(args.model)
+    options = {"weights": args.weights} if "weights" in model_options(args.model) else {}
+    size = args.size or representation(args.model, layer=layers[0], **options).native_size or 224
+    print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
+    for layer in layers:
+        rep = representation(args.model, layer=layer, **options)
+        shape = "×".join(str(n) for n in rep.code_shape(size, size))
+        if rep.is_spatial:
+            box = rep.receptive_field(0, 0, size, size, clip=False)
+            field = f"{box.height}×{box.width} px"
+            stride = str(rep.stride(size, size))
+        else:
+            field, stride = "whole image", "-"
+        print(f"{layer:<14} {shape:<18} {field:<16} {stride}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .demo import run_demo
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        command = {
+            "invert": _invert_command,
+            "features": _features_command,
+            "models": _models_command,
+            "layers": _layers_command,
+            "demo": lambda a: run_demo(a.out, iters=a.iters, image=a.image, device=a.device),
+        }[args.command]
+        command(args)
+    except (UsageError, ValueError, DivergenceError) as error:
+        print(f"invviz: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("invviz: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``invviz demo``: reconstructions of a sample photo through the depth of the bundled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .engine import InversionResult, Settings, invert  # noqa: E402
+from .images import load_image, roughness, sample_path, save_image, to_uint8  # noqa: E402
+from .representations import representation  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+#: Six depths of EfficientNet-Lite0, from edges to object parts.
+DEMO_LAYERS = ("stem", "blocks.1", "blocks.4", "blocks.8", "blocks.12", "head")
+
+
+def run_demo(
+    out: Path,
+    *,
+    iters: int = Settings.iters,
+    image: str | None = None,
+    device: str = "auto",
+    layers: tuple[str, ...] = DEMO_LAYERS,
+    progress: bool = True,
+) -> dict[str, InversionResult]:
+    """Invert ``layers`` of the bundled model for one photo; write a captioned grid and a table.
+
+    Writes ``out/demo.png`` (the grid), ``out/<layer>.png`` and ``out/metrics.json``.
+    """
+    from .cli import ProgressBar
+
+    out.mkdir(parents=True, exist_ok=True)
+    original = load_image(image or sample_path("chelsea"), 224)
+    reference_roughness = roughness(original)
+    results: dict[str, InversionResult] = {}
+    print(f"{'layer':<10} {'code shape':<14} {'feature error':>13} {'roughness':>10} {'seconds':>8}")
+    for layer in layers:
+        rep = representation(MODEL, layer=layer)
+        result = invert(
+            rep, original, settings=Settings(iters=iters), device=device, on_step=ProgressBar(f"{layer:<10}", progress)
+        )
+        results[layer] = result
+        save_image(result.image, out / f"{layer.replace('.', '_')}.png")
+        shape = "×".join(str(n) for n in rep.code_shape(224, 224))
+        print(
+            f"{layer:<10} {shape:<14} {result.feature_error[0]:>13.3f} "
+            f"{roughness(result.image) / reference_roughness:>9.2f}× {result.seconds:>8.1f}",
+            flush=True,
+        )
+    _grid(original, results, out / "demo.png")
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "rep": MODEL,
+                "iters": iters,
+                "seconds": sum(r.seconds for r in results.values()),
+                "results": [
+                    {
+                        "file": str(out / f"{layer.replace('.', '_')}.png"),
+                        "layer": layer,
+                        "feature_error": r.feature_error[0],
+                        "roughness_ratio": roughness(r.image) / reference_roughness,
+                        "seconds": r.seconds,
+                    }
+                    for layer, r in results.items()
+                ],
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out / 'demo.png'}")
+    return results
+
+
+def _grid(original, results: dict[str, InversionResult], path: Path) -> None:  # type: ignore[no-untyped-def]
+    panels = [("original", original, "")] + [
+        (layer, r.image, f"error {r.feature_error[0]:.2f}") for layer, r in results.items()
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), dpi=110)
+    for axis, (title, picture, caption) in zip(axes, panels):
+        axis.imshow(to_uint8(picture))
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(caption, fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"What each layer of {MODEL} keeps: images reconstructed from its code", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

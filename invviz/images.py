@@ -1,0 +1,147 @@
+"""Loading, bundling and saving images; every image in invviz is a float tensor in [0, 1]."""
+
+from __future__ import annotations
+
+import io
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+#: Bundled sample photos (see ``invviz/data/SOURCES.md``).
+SAMPLES = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    """Decode fully (so a truncated file fails here, not later) and convert to RGB."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ValueError("image data is empty")
+        stream: io.BytesIO | Path = io.BytesIO(source)
+        label = "image data"
+    else:
+        stream = Path(source)
+        label = str(source)
+        if not stream.exists():
+            raise ValueError(f"image file not found: {label}")
+        if stream.is_dir():
+            raise ValueError(f"{label} is a directory, not an image file")
+        if stream.stat().st_size == 0:
+            raise ValueError(f"image file is empty: {label}")
+    try:
+        with Image.open(stream) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{label} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot decode {label} (truncated or corrupt?): {error}") from None
+
+
+def _resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` then a centred ``size × size`` crop; an image of that size is kept."""
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left = (new_size[0] - size) // 2
+    top = (new_size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
+    """PIL image or ``(H, W, 3)`` uint8 array → ``(3, H, W)`` float in [0, 1]."""
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0)
+
+
+def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int | None = None) -> Tensor:
+    """Load an image as ``(3, H, W)`` in [0, 1], optionally resized and centre-cropped to ``size``.
+
+    ``source``: a path, encoded bytes, a PIL image or an ``(H, W, 3)`` uint8 array. Bad input raises
+    one ``ValueError`` line (missing, empty, truncated or non-image files).
+    """
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if isinstance(source, np.ndarray):
+        image = Image.fromarray(source)
+    elif isinstance(source, Image.Image):
+        image = source.convert("RGB")
+    else:
+        image = _open(source)
+    if size is not None:
+        image = _resize_crop(image, size)
+    return to_tensor(image)
+
+
+def sample_path(name: str) -> Path:
+    """Path of a bundled sample photo (one of ``SAMPLES``)."""
+    if name not in SAMPLES:
+        raise ValueError(f"unknown sample {name!r}; samples: {', '.join(SAMPLES)}")
+    return Path(str(resources.files("invviz") / "data" / f"{name}.jpg"))
+
+
+def sample_image(name: str = "chelsea", size: int | None = 224) -> Tensor:
+    """A bundled sample photo as ``(3, size, size)`` in [0, 1] (``size=None``: as stored)."""
+    return load_image(sample_path(name), size)
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """``(3, H, W)`` or ``(1, H, W)`` in [0, 1] → ``(H, W, 3)`` uint8."""
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    image = image.detach().float().cpu().clamp(0, 1)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    return Image.fromarray(to_uint8(image))
+
+
+def save_image(image: Tensor, path: str | Path) -> None:
+    """Write ``(3, H, W)`` in [0, 1] as an 8-bit RGB image (format from the file extension)."""
+    to_pil(image).save(path)
+
+
+def png_bytes(image: Tensor) -> bytes:
+    """``(3, H, W)`` in [0, 1] → PNG bytes (what widgets send to the browser)."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_grid(images: list[Tensor] | Tensor, columns: int | None = None, pad: int = 2) -> Tensor:
+    """Tile images ``(N, 3, H, W)`` (equal sizes) into one ``(3, H', W')`` grid on white."""
+    batch = torch.stack(list(images)) if isinstance(images, list) else images
+    count = batch.shape[0]
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    _, channels, height, width = batch.shape
+    grid = torch.ones(channels, rows * (height + pad) + pad, columns * (width + pad) + pad)
+    for index in range(count):
+        r, c = divmod(index, columns)
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[:, top : top + height, left : left + width] = batch[index].detach().cpu()
+    return grid
+
+
+def roughness(image: Tensor) -> float:
+    """Mean absolute difference between neighbouring pixels of ``(3, H, W)`` (in [0, 1] units)."""
+    image = image.detach().float()
+    dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean()
+    dy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean()
+    return float((dx + dy) / 2)

@@ -1,0 +1,118 @@
+"""Registry of representations, created by name through one factory.
+
+``representation("efficientnet_lite0:blocks.4")`` or ``representation("alexnet", layer="conv3",
+weights="random")`` or ``representation("hog", cell_size=8)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, TypeVar
+
+from ._base import Representation
+from ._geometry import Box, Window
+
+__all__ = [
+    "Box",
+    "Representation",
+    "Window",
+    "available_models",
+    "model_layers",
+    "model_options",
+    "register_representation",
+    "representation",
+]
+
+RepresentationType = TypeVar("RepresentationType", bound=type[Representation])
+
+_REGISTRY: dict[str, type[Representation]] = {}
+_FALLBACKS: list[Callable[[str], type[Representation] | None]] = []
+_LOADED = False
+
+
+def register_representation(name: str) -> Callable[[RepresentationType], RepresentationType]:
+    """Class decorator: make a ``Representation`` subclass available to the factory as ``name``."""
+
+    def decorate(cls: RepresentationType) -> RepresentationType:
+        cls.model = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    # Importing registers; kept lazy so `import invviz` stays quick.
+    from . import dsift, efficientnet, hog, torchvision_models  # noqa: F401
+
+    _FALLBACKS.append(torchvision_models.generic_torchvision_class)
+
+
+def available_models() -> list[str]:
+    """Names the factory accepts (torchvision classification models are accepted too)."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _lookup(model: str) -> type[Representation]:
+    _load_builtin()
+    if model in _REGISTRY:
+        return _REGISTRY[model]
+    for fallback in _FALLBACKS:
+        cls = fallback(model)
+        if cls is not None:
+            return cls
+    raise ValueError(f"unknown model {model!r}; available: {', '.join(available_models())}")
+
+
+def model_layers(model: str) -> tuple[str, ...]:
+    """Every layer name of ``model``, shallow to deep."""
+    return _lookup(model).layers
+
+
+def model_options(model: str) -> tuple[str, ...]:
+    """Keyword options ``representation(model, ...)`` accepts (e.g. ``weights``, ``cell_size``)."""
+    parameters = inspect.signature(_lookup(model).__init__).parameters
+    return tuple(name for name in parameters if name not in ("self", "layer"))
+
+
+def parse_spec(spec: str, layer: str | None = None) -> tuple[str, str]:
+    """Split ``"model:layer"``; a model with a single layer may omit it."""
+    model, _, spec_layer = spec.partition(":")
+    if not model:
+        raise ValueError(f"representation spec {spec!r} has no model name (expected MODEL:LAYER)")
+    if layer is not None and spec_layer and layer != spec_layer:
+        raise ValueError(f"layer given twice: {spec_layer!r} in the spec and {layer!r}")
+    layers = model_layers(model)
+    chosen = layer or spec_layer
+    if not chosen:
+        if len(layers) != 1:
+            raise ValueError(
+                f"{model} needs a layer (MODEL:LAYER); valid layers: {', '.join(layers)}"
+            )
+        chosen = layers[0]
+    return model, chosen
+
+
+def representation(spec: str, layer: str | None = None, **options: Any) -> Representation:
+    """Create a representation by name, e.g. ``representation("efficientnet_lite0:blocks.4")``.
+
+    ``options`` go to the representation (``weights=`` for CNNs; ``cell_size=``, ``bin_size=``,
+    ``step=`` for HOG and SIFT). The result is in eval mode with frozen parameters.
+    """
+    model, chosen = parse_spec(spec, layer)
+    accepted = model_options(model)
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"{model} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(accepted) or 'none'}"
+        )
+    rep = _lookup(model)(chosen, **options)
+    rep.eval()
+    for parameter in rep.parameters():
+        parameter.requires_grad_(False)
+    return rep

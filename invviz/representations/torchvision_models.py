@@ -1,0 +1,396 @@
+"""CNN representations from torchvision: AlexNet and VGG16 with the paper's caffe layer names, and
+any torchvision classification model by module path (``"resnet18:layer3.1"``).
+
+Weights (``weights=`` of every class here):
+
+- ``None`` or ``"imagenet"``: torchvision's ImageNet weights, used only when the checkpoint is already
+  in the torch hub cache (``torch.hub.get_dir()/checkpoints/``); it is downloaded only when the
+  environment variable ``INVVIZ_ALLOW_DOWNLOAD=1`` is set, so nothing reaches the network unasked.
+- ``"random"``: torchvision's own initialization (seed it with ``torch.manual_seed`` first).
+- a path: a state dict, or a dict holding one under ``"state_dict"`` or ``"model"``, read with
+  ``torch.load(..., weights_only=True)`` so that a file cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from . import register_representation
+from ._base import Representation
+from ._geometry import Box, Window
+
+__all__ = [
+    "VGG16",
+    "AlexNet",
+    "CaffeStyleNet",
+    "TorchvisionModel",
+    "build_network",
+    "generic_torchvision_class",
+    "load_state_dict_file",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ALLOW_DOWNLOAD_VARIABLE = "INVVIZ_ALLOW_DOWNLOAD"
+#: random images whose gradient supports are unioned when a receptive field is measured.
+SUPPORT_TRIALS = 3
+
+WeightsSpec = str | os.PathLike[str] | None
+
+
+# --- weights ------------------------------------------------------------------------------------
+def _ways_out(file_name: str) -> str:
+    return (
+        f"put the file {file_name} in {Path(torch.hub.get_dir()) / 'checkpoints'}/ "
+        f"(or set {ALLOW_DOWNLOAD_VARIABLE}=1 to download it), pass weights=PATH (--weights FILE) "
+        f"to a state dict, or pass weights='random'"
+    )
+
+
+def _pretrained_network(name: str) -> nn.Module:
+    """torchvision model ``name`` with its default ImageNet weights, from the hub cache."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    file_name = Path(urlparse(weights.url).path).name
+    cached = (Path(torch.hub.get_dir()) / "checkpoints" / file_name).is_file()
+    if not cached and os.environ.get(ALLOW_DOWNLOAD_VARIABLE) != "1":
+        raise ValueError(f"{name}: ImageNet weights are not in the torch hub cache; {_ways_out(file_name)}")
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as error:  # network, hash and unpickling failures all mean the same to the user
+        action = "load the cached" if cached else "download the"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{name}: could not {action} ImageNet weights ({reason}); {_ways_out(file_name)}"
+        ) from error
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: a state dict, or a dict holding one under "state_dict"/"model"."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"weights file {path} does not exist (weights are 'imagenet', 'random' or a file's path)"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only names the import it refused ("GLOBAL posix.system"); other errors mean garbage
+        if "GLOBAL" in str(error):
+            raise ValueError(
+                f"weights file {path} holds pickled objects other than tensors, which could run code "
+                f"when loaded; save a plain state dict instead (torch.save(model.state_dict(), path))"
+            ) from error
+        raise ValueError(f"weights file {path} is not a PyTorch checkpoint") from error
+    except Exception as error:  # torch reports damaged files as RuntimeError, EOFError, KeyError...
+        raise ValueError(f"weights file {path} is not a PyTorch checkpoint, or it is truncated") from error
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not (
+        isinstance(loaded, Mapping)
+        and loaded
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
+    ):
+        raise ValueError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def _listing(items: Sequence[str], shown: int = 3) -> str:
+    more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _load_into(
+    network: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str], name: str
+) -> None:
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label} {_listing(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes:", reshaped))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"weights file {path} does not fit torchvision's {name}: {'; '.join(problems)}")
+    network.load_state_dict(state)
+
+
+def build_network(name: str, weights: WeightsSpec = None) -> nn.Module:
+    """torchvision classification model ``name`` with ``weights`` (see the module docstring)."""
+    if weights == "random":
+        return torchvision.models.get_model(name)
+    if weights is None or weights == "imagenet":
+        return _pretrained_network(name)
+    state = load_state_dict_file(weights)  # before building: a bad file fails fast
+    network = torchvision.models.get_model(name)
+    _load_into(network, state, weights, name)
+    return network
+
+
+def _skeleton(name: str) -> nn.Module:
+    """Model ``name`` without allocated weights, to read its structure cheaply."""
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name)
+    except NotImplementedError:  # RegNet computes its widths from tensor values
+        return torchvision.models.get_model(name)
+
+
+# --- shared base --------------------------------------------------------------------------------
+class _TorchvisionRepresentation(Representation):
+    """A torchvision network fed ImageNet-normalized images."""
+
+    native_size: ClassVar[int | None] = 224
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, layer: str) -> None:
+        super().__init__(layer)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] to the statistics torchvision's ImageNet models were trained on."""
+        return (images - self.mean) / self.std
+
+
+# --- AlexNet and VGG16 with caffe names ---------------------------------------------------------
+def _caffe_steps(network: nn.Module, per_block: bool) -> list[tuple[str | None, nn.Module]]:
+    """Modules of an AlexNet/VGG in execution order with their caffe names (``None``: unnamed glue).
+
+    AlexNet numbers convolutions through the network (conv1 … conv5, pool5 after conv5); VGG numbers
+    them within blocks separated by pooling (conv3_2, pool3). Both call the classifier layers fc6 …
+    fc8. Dropout is left out: it is the identity in eval mode and the code must not depend on the mode.
+    """
+    steps: list[tuple[str | None, nn.Module]] = []
+    block, conv = 1, 0
+    for module in network.get_submodule("features").children():
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+        suffix = f"{block}_{conv}" if per_block else str(conv)
+        if isinstance(module, nn.Conv2d):
+            steps.append((f"conv{suffix}", module))
+        elif isinstance(module, nn.ReLU):
+            steps.append((f"relu{suffix}", module))
+        elif isinstance(module, nn.MaxPool2d):
+            steps.append((f"pool{block if per_block else conv}", module))
+            if per_block:
+                block, conv = block + 1, 0
+        else:
+            raise TypeError(f"unexpected {type(module).__name__} in {type(network).__name__}.features")
+    steps += [(None, network.get_submodule("avgpool")), (None, nn.Flatten(1))]
+    fc = 5
+    for module in network.get_submodule("classifier").children():
+        if isinstance(module, nn.Linear):
+            fc += 1
+            steps.append((f"fc{fc}", module))
+        elif isinstance(module, nn.ReLU):
+            steps.append((f"relu{fc}", module))
+        elif not isinstance(module, nn.Dropout):
+            raise TypeError(f"unexpected {type(module).__name__} in {type(network).__name__}.classifier")
+    return steps
+
+
+def _window(module: nn.Module) -> Window | None:
+    """The window of a convolution or max pooling; ``None`` for pointwise modules (ReLU)."""
+    if isinstance(module, nn.Conv2d):
+        return Window(
+            kernel=module.kernel_size[0],
+            stride=module.stride[0],
+            padding=int(module.padding[0]),  # type: ignore[arg-type]  # torchvision uses int padding
+            dilation=module.dilation[0],
+        )
+    if isinstance(module, nn.MaxPool2d):
+        kernel, stride, padding, dilation = (
+            v if isinstance(v, int) else v[0]
+            for v in (module.kernel_size, module.stride, module.padding, module.dilation)
+        )
+        return Window(
+            kernel=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=module.ceil_mode
+        )
+    return None
+
+
+class CaffeStyleNet(_TorchvisionRepresentation):
+    """A torchvision AlexNet/VGG run up to a layer named as in caffe (``conv3``, ``relu5_3``, ``fc6``).
+
+    Only the modules up to ``layer`` are kept and run. ``pool5`` is the last max pooling itself;
+    torchvision's adaptive average pooling and the flattening come just before ``fc6``.
+    Subclasses pass ``torchvision_name`` and ``per_block`` (VGG's block-wise numbering).
+    """
+
+    torchvision_name: ClassVar[str]
+    per_block: ClassVar[bool]
+    #: jitter stride for the vector layers fc6 … fc8: the stride of pool5.
+    pooled_stride: ClassVar[int] = 32
+
+    def __init_subclass__(cls, torchvision_name: str, per_block: bool, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.torchvision_name = torchvision_name
+        cls.per_block = per_block
+        steps = _caffe_steps(_skeleton(torchvision_name), per_block)
+        cls.layers = tuple(name for name, _ in steps if name is not None)
+
+    def __init__(self, layer: str, weights: WeightsSpec = None) -> None:
+        super().__init__(layer)
+        steps = _caffe_steps(build_network(self.torchvision_name, weights), self.per_block)
+        last = [n for n, _ in steps].index(layer)
+        modules = [module for _, module in steps[: last + 1]]
+        self.net = nn.Sequential(*modules)
+        self._windows: tuple[Window, ...] | None = None
+        # past the adaptive pooling every code entry may depend on every pixel
+        if not any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear)) for m in modules):
+            self._windows = tuple(w for w in map(_window, modules) if w is not None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
+        return self.net(self.normalize(images))
+
+    def windows(self) -> Sequence[Window] | None:
+        return self._windows
+
+
+@register_representation("alexnet")
+class AlexNet(CaffeStyleNet, torchvision_name="alexnet", per_block=False):
+    """torchvision's AlexNet (the one-GPU variant, without LRN): conv1 … pool5, fc6 … fc8."""
+
+
+@register_representation("vgg16")
+class VGG16(CaffeStyleNet, torchvision_name="vgg16", per_block=True):
+    """torchvision's VGG16 (without batch norm): conv1_1 … pool5, fc6 … fc8."""
+
+
+# --- any torchvision classification model -------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by the capture hook so that nothing after the chosen module runs."""
+
+
+class TorchvisionModel(_TorchvisionRepresentation):
+    """Any torchvision classification model, run up to the module at path ``layer`` (``layer3.1``).
+
+    ``layers`` are all named module paths except the root, in definition order, which torchvision
+    keeps close to execution order. The code is the module's output the first time it runs (a
+    module reused within a block, like ResNet's ``relu``, is captured at its first call).
+    Receptive fields are measured, not derived: the bounding box of the pixels with a non-zero
+    gradient, exact for the given input size.
+    """
+
+    torchvision_name: ClassVar[str]
+
+    def __init_subclass__(cls, torchvision_name: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.torchvision_name = cls.model = torchvision_name
+        cls.layers = tuple(n for n, _ in _skeleton(torchvision_name).named_modules() if n)
+        transforms = torchvision.models.get_model_weights(torchvision_name).DEFAULT.transforms()
+        cls.native_size = int(getattr(transforms, "crop_size", [224])[0])
+
+    def __init__(self, layer: str, weights: WeightsSpec = None) -> None:
+        super().__init__(layer)
+        self.network: nn.Module = build_network(self.torchvision_name, weights)
+        self._native_code_shape: tuple[int, ...] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] → the module's output, e.g. ``(B, C, H', W')``."""
+        captured: list[Any] = []
+
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured.append(output)
+            raise _StopForward
+
+        handle = self.network.get_submodule(self.layer).register_forward_hook(capture)
+        try:
+            self.network(self.normalize(images))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError(f"{self.spec} does not run when {self.model} classifies an image")
+        if not isinstance(captured[0], torch.Tensor):
+            raise TypeError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor")
+        return captured[0]
+
+    def windows(self) -> Sequence[Window] | None:
+        # General graphs (residual branches, attention) are not a chain of windows; see receptive_field.
+        return None
+
+    @property
+    def is_spatial(self) -> bool:
+        if self._native_code_shape is None:
+            size = self.native_size or 224
+            self._native_code_shape = self.code_shape(size, size)
+        return len(self._native_code_shape) == 3
+
+    def stride(self, height: int = 224, width: int = 224) -> int:
+        """Input pixels per code cell (input height over code height); ``pooled_stride`` for vectors."""
+        if not self.is_spatial:
+            return super().stride(height, width)
+        return max(height // self.code_shape(height, width)[-2], 1)
+
+    def receptive_field(
+        self,
+        row: int | tuple[int, int],
+        col: int | tuple[int, int],
+        height: int,
+        width: int,
+        clip: bool = True,
+    ) -> Box:
+        """Box of input pixels with a non-zero gradient of code cell ``(row, col)`` (or a range of cells).
+
+        The union over a few seeded random images, in eval mode. Only pixels inside the image can be
+        measured, so the box is always clipped (``clip`` is accepted for the common signature).
+        """
+        if not self.is_spatial:
+            return Box(0, 0, height, width)
+        rows = (row, row + 1) if isinstance(row, int) else row
+        cols = (col, col + 1) if isinstance(col, int) else col
+        reference = next(self.parameters())
+        generator = torch.Generator().manual_seed(0)
+        support = torch.zeros(height, width, dtype=torch.bool)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                for _ in range(SUPPORT_TRIALS):
+                    images = torch.rand(1, 3, height, width, generator=generator).to(reference)
+                    images.requires_grad_()
+                    code = self(images)
+                    cells_y, cells_x = code.shape[-2:]
+                    if not (0 <= rows[0] < rows[1] <= cells_y and 0 <= cols[0] < cols[1] <= cells_x):
+                        raise ValueError(
+                            f"code window rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} is outside "
+                            f"the code of {cells_y}x{cells_x} cells"
+                        )
+                    cells = code[0, :, rows[0] : rows[1], cols[0] : cols[1]]
+                    (gradient,) = torch.autograd.grad(cells.sum(), images)
+                    support |= gradient[0].abs().sum(0).cpu() > 0
+        finally:
+            self.train(was_training)
+        if not support.any():  # every path to the cell is gated off: no evidence to narrow the box
+            return Box(0, 0, height, width)
+        ys = torch.nonzero(support.any(1)).flatten()
+        xs = torch.nonzero(support.any(0)).flatten()
+        return Box(int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
+
+
+@functools.cache
+def generic_torchvision_class(name: str) -> type[TorchvisionModel] | None:
+    """Representation class for torchvision classification model ``name``; ``None`` if there is none."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    return type(f"Torchvision_{name}", (TorchvisionModel,), {"__module__": __name__}, torchvision_name=name)

@@ -1,0 +1,154 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from invviz.cli import main
+from invviz.images import sample_path
+
+
+@pytest.fixture()
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.open(sample_path("coffee")).resize((90, 60)).save(path)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_invert_writes_png_of_the_requested_size_and_metrics(tmp_path, photo, capsys) -> None:
+    out, metrics = tmp_path / "out.png", tmp_path / "m.json"
+    code, stdout, _ = run(
+        capsys, "invert", photo, "--rep", "efficientnet_lite0:blocks.1", "--out", out, "--size", "48",
+        "--iters", "15", "--metrics", metrics, "--quiet",
+    )
+    assert code == 0
+    picture = Image.open(out)
+    assert picture.mode == "RGB" and picture.size == (48, 48)
+    record = json.loads(metrics.read_text())
+    assert record["rep"] == "efficientnet_lite0:blocks.1" and record["iters"] == 15
+    assert record["seconds"] > 0
+    assert record["results"][0]["file"] == str(out)
+    assert 0 < record["results"][0]["feature_error"] < 1
+    assert "feature error" in stdout
+
+
+def test_invert_is_reproducible_with_a_seed(tmp_path, photo, capsys) -> None:
+    outputs = []
+    for name in ("a.png", "b.png"):
+        args = ["invert", photo, "--rep", "tiny:conv2", "--out", tmp_path / name, "--iters", "5", "--seed", "3", "--quiet"]
+        assert run(capsys, *args)[0] == 0
+        outputs.append(np.asarray(Image.open(tmp_path / name)))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "exact.png"
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    out = tmp_path / "f.npy"
+    assert run(capsys, "features", path, "--rep", "tiny:conv1", "--out", out)[0] == 0
+    from invviz import representation
+
+    rep = representation("tiny:conv1")
+    expected = rep(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None])[0]
+    np.testing.assert_allclose(np.load(out), expected.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_features_shapes(tmp_path, photo, capsys) -> None:
+    out = tmp_path / "f.npy"
+    assert run(capsys, "features", photo, "--rep", "efficientnet_lite0:stem", "--out", out)[0] == 0
+    code = np.load(out)
+    assert code.dtype == np.float32 and code.shape == (32, 112, 112)
+    assert run(capsys, "features", photo, "--rep", "efficientnet_lite0:pool", "--out", out, "--size", "64")[0] == 0
+    assert np.load(out).shape == (1280,)
+
+
+def test_models_and_layers(capsys) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "efficientnet_lite0" in out and "alexnet" in out and "hog" in out
+    code, out, _ = run(capsys, "layers", "efficientnet_lite0")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "32×112×112" in lines["stem"] and "1280×7×7" in lines["head"] and "1000" in lines["logits"]
+    assert "whole image" in lines["pool"]
+
+
+def _truncated_png(path: Path) -> Path:
+    full = path.parent / "full.png"
+    Image.new("RGB", (64, 64), "red").save(full)
+    path.write_bytes(full.read_bytes()[:60])
+    return path
+
+
+def _malicious_checkpoint(path: Path) -> Path:
+    class Exploit:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {path.parent / 'pwned'}",))
+
+    path.write_bytes(pickle.dumps({"weight": Exploit()}))
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (lambda t, p: ["invert", t / "nope.png", "--rep", "tiny:conv1", "--out", t / "o.png"], "not found"),
+    "empty file": (lambda t, p: ["invert", (t / "e.png", (t / "e.png").write_bytes(b""))[0], "--rep", "tiny:conv1", "--out", t / "o.png"], "empty"),
+    "truncated file": (lambda t, p: ["invert", _truncated_png(t / "tr.png"), "--rep", "tiny:conv1", "--out", t / "o.png"], "truncated"),
+    "not an image": (lambda t, p: ["invert", (t / "x.png", (t / "x.png").write_text("hello"))[0], "--rep", "tiny:conv1", "--out", t / "o.png"], "not an image"),
+    "unknown model": (lambda t, p: ["invert", p, "--rep", "nosuchnet:conv1", "--out", t / "o.png"], "unknown model"),
+    "unknown layer": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.99", "--out", t / "o.png"], "valid layers: stem, blocks.0"),
+    "negative iters": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--iters", "-3"], "--iters"),
+    "nan tv": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--tv", "nan"], "finite"),
+    "negative tv": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--tv", "-1"], "--tv"),
+    "zero size": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--size", "0"], "--size"),
+    "inf alpha": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--alpha", "inf"], "finite"),
+    "bad optimizer": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--optimizer", "lbfgs"], "optimizer"),
+    "bad output suffix": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.jpg"], ".png"),
+    "missing output folder": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "no" / "o.png"], "does not exist"),
+    "option the model lacks": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--cell-size", "4"], "does not take"),
+    "malicious checkpoint": (lambda t, p: ["invert", p, "--rep", "alexnet:conv1", "--out", t / "o.png", "--weights", _malicious_checkpoint(t / "evil.pth")], "weights"),
+    "missing checkpoint": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", t / "none.pth"], "weights"),
+    "unknown device": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--device", "tpu"], "device"),
+    "no command": (lambda t, p: [], "required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, photo, capsys) -> None:
+    make, fragment = BAD_INPUTS[case]
+    code, stdout, stderr = run(capsys, *make(tmp_path, photo))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("invviz: error:")
+    assert fragment.lower() in lines[0].lower()
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "invviz", "invert", str(tmp_path / "missing.png"), "--rep", "hog", "--out", str(tmp_path / "o.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
+    for option in ("--tv-beta", "--alpha-weight", "--lr"):
+        code, _, err = run(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
+        assert code == 2 and "finite" in err

@@ -1,0 +1,205 @@
+"""EfficientNet-Lite0: agreement with the upstream implementation, classification, shapes, truncation,
+weight files and receptive fields."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support import gradient_support
+from torch import Tensor, nn
+
+from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, imagenet_weights_path
+
+
+@pytest.fixture(scope="module")
+def logits_rep() -> EfficientNetLite0:
+    return EfficientNetLite0("logits")
+
+
+def _upstream(image_size: int | None = 224) -> nn.Module:
+    """The reference model of ``efficientnet_lite_pytorch`` with the bundled weights.
+
+    ``image_size=224`` builds its default static padding; ``None`` its dynamic "same" padding.
+    """
+    upstream = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="upstream oracle: pip install --no-deps efficientnet-lite-pytorch"
+    )
+    model = upstream.EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    model.load_state_dict(torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _natural(name: str, size: int = 224) -> Tensor:
+    """A scikit-image sample, shorter side to ``size`` (PIL bilinear), centre crop: ``(1, 3, size, size)``."""
+    data = pytest.importorskip("skimage.data", reason="natural test images come from scikit-image")
+    image = Image.fromarray(getattr(data, name)())
+    scale = size / min(image.size)
+    width, height = round(image.width * scale), round(image.height * scale)
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def _assert_close_logits(ours: Tensor, theirs: Tensor) -> None:
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_logits_match_upstream(logits_rep: EfficientNetLite0) -> None:
+    upstream = _upstream()
+    torch.manual_seed(0)
+    images = torch.cat([torch.rand(2, 3, 224, 224), _natural("chelsea"), _natural("coffee")])
+    with torch.no_grad():
+        _assert_close_logits(logits_rep(images), upstream(images * 2 - 1))
+
+
+def test_odd_sizes_match_upstream_dynamic_same_padding(logits_rep: EfficientNetLite0) -> None:
+    # Upstream's default pads every conv for 224×224 inputs; its dynamic mode is TensorFlow's "same"
+    # for any size, which is what invviz implements.
+    upstream = _upstream(image_size=None)
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 101, 75)
+    with torch.no_grad():
+        _assert_close_logits(logits_rep(images), upstream(images * 2 - 1))
+
+
+def test_classifies_natural_images(logits_rep: EfficientNetLite0) -> None:
+    with torch.no_grad():
+        cat = logits_rep(_natural("chelsea")).argmax().item()
+        coffee = logits_rep(_natural("coffee")).argmax().item()
+    assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert coffee == 967  # espresso
+
+
+def test_factory_gives_the_classifier() -> None:
+    registry = pytest.importorskip("invviz.representations", reason="registry imports sibling modules")
+    try:
+        rep = registry.representation("efficientnet_lite0:logits")
+    except ImportError as error:  # the lazily imported sibling representations may be absent
+        pytest.skip(f"registry not complete yet: {error}")
+    assert isinstance(rep, EfficientNetLite0)
+    assert rep.code_shape(224, 224) == (1000,)
+
+
+EXPECTED_SHAPES = {
+    "stem": (32, 112, 112),
+    "blocks.0": (16, 112, 112),
+    "blocks.2": (24, 56, 56),
+    "blocks.4": (40, 28, 28),
+    "blocks.7": (80, 14, 14),
+    "blocks.10": (112, 14, 14),
+    "blocks.14": (192, 7, 7),
+    "blocks.15": (320, 7, 7),
+    "head": (1280, 7, 7),
+    "pool": (1280,),
+    "logits": (1000,),
+}
+
+
+def test_layers_and_code_shapes() -> None:
+    assert EfficientNetLite0.layers == ("stem", *(f"blocks.{i}" for i in range(16)), "head", "pool", "logits")
+    assert EfficientNetLite0.native_size == 224
+    for layer, shape in EXPECTED_SHAPES.items():
+        rep = EfficientNetLite0(layer, weights="random")
+        assert rep.code_shape(224, 224) == shape, layer
+        assert rep.is_spatial == (len(shape) == 3)
+    assert EfficientNetLite0("pool", weights="random").stride() == 32
+    assert EfficientNetLite0("blocks.4", weights="random").stride() == 8
+
+
+def test_truncated_network_runs_only_the_stages_it_needs(logits_rep: EfficientNetLite0) -> None:
+    rep = EfficientNetLite0("blocks.0")
+    assert len(rep.stages) == 2
+    ran: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
+        for name, module in rep.named_modules()
+        if name
+    ]
+    rep(torch.rand(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    assert {name.split(".")[1] for name in ran if name.count(".")} == {"0", "1"}
+    assert sum(p.numel() for p in rep.parameters()) < 0.01 * sum(p.numel() for p in logits_rep.parameters())
+    # The truncated network computes exactly the prefix of the full one.
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rep(images), logits_rep.stages[1](logits_rep.stages[0](images * 2 - 1)))
+
+
+def test_weights_file_round_trip(tmp_path: Path, logits_rep: EfficientNetLite0) -> None:
+    state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+    state["_fc.bias"] = state["_fc.bias"] + 1.5
+    path = tmp_path / "shifted.pth"
+    torch.save(state, path)
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        difference = EfficientNetLite0("logits", weights=str(path))(images) - logits_rep(images)
+    assert torch.allclose(difference, torch.full_like(difference, 1.5), atol=1e-5)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_bad_weights_files_raise_one_line_value_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    malicious = tmp_path / "malicious.pth"
+    torch.save({"_fc.bias": _RunsCode()}, malicious)
+    text = tmp_path / "text.pth"
+    text.write_text("not a state dict")
+    partial = tmp_path / "partial.pth"
+    torch.save({"_fc.bias": torch.zeros(1000)}, partial)
+    not_a_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], not_a_dict)
+    for path in (malicious, text, partial, not_a_dict, tmp_path / "absent.pth"):
+        with pytest.raises(ValueError) as info:
+            EfficientNetLite0("stem", weights=str(path))
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_random_weights_differ_from_imagenet() -> None:
+    def stem_weight(weights: str | None) -> Tensor:
+        stem = EfficientNetLite0("stem", weights=weights).stages[0]
+        assert isinstance(stem, ConvBN)
+        return stem.conv.weight
+
+    torch.manual_seed(0)
+    assert not torch.allclose(stem_weight("random"), stem_weight("imagenet"))
+    assert torch.equal(stem_weight("imagenet"), stem_weight(None))
+
+
+@pytest.mark.parametrize(
+    ("layer", "height", "width", "cells", "weights"),
+    [
+        ("stem", 32, 32, [(8, 7), (0, 0), (15, 15)], "imagenet"),
+        ("blocks.1", 64, 64, [(8, 7), (0, 0), (15, 15)], "imagenet"),
+        ("blocks.4", 96, 96, [(6, 5), (0, 0), (11, 11)], "imagenet"),
+        # Sizes that are not multiples of the stride: "same" padding changes with parity.
+        ("blocks.4", 101, 75, [(6, 4), (0, 0), (12, 9)], "imagenet"),
+        # 224 is the smallest multiple of 32 where a blocks.8 box (211 px) fits inside the image.
+        ("blocks.8", 224, 224, [(6, 6), (0, 0)], "imagenet"),
+        ("blocks.8", 224, 224, [(6, 6), (13, 13)], "random"),
+    ],
+)
+def test_receptive_field_is_the_gradient_support(
+    layer: str, height: int, width: int, cells: list[tuple[int, int]], weights: str
+) -> None:
+    torch.manual_seed(0)
+    rep = EfficientNetLite0(layer, weights=weights)
+    for row, col in cells:
+        box = rep.receptive_field(row, col, height, width)
+        assert box == gradient_support(rep, row, col, height, width), (row, col)
+    interior = rep.receptive_field(*cells[0], height, width, clip=False)
+    assert interior == interior.clip(height, width)

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+from tiny import TinyNet
+
+from invviz import Context, alpha_norm, feature_error_squared, match, representation, tv
+from invviz.engine.objectives import PIXEL_SCALE, VARIATION_SCALE
+
+
+def images(seed: int = 0, shape: tuple[int, ...] = (2, 3, 6, 7)) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.5, 2.0])
+def test_tv_gradcheck(beta: float) -> None:
+    x = images().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: tv(beta)(Context(t)), (x,))
+
+
+@pytest.mark.parametrize("alpha", [2.0, 6.0])
+def test_alpha_norm_gradcheck(alpha: float) -> None:
+    x = images().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: alpha_norm(alpha)(Context(t)), (x,))
+
+
+def test_match_gradcheck_through_a_network() -> None:
+    rep = representation("tiny:conv2").double()
+    target = rep(images(1))
+    mask = torch.zeros(6, 2, 3, dtype=torch.bool)
+    mask[:3, 1] = True
+    x = images(2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: match(rep, target, mask)(Context(t)), (x,))
+
+
+def test_tv_value_by_hand() -> None:
+    x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    x[0, :, 0, 1] = 0.3  # one pixel differs from its left neighbour in every channel
+    # only the top-left pixel has both a right and a lower neighbour: Δx = 0.3 per channel, Δy = 0
+    expected = 3 * 0.3**2 / VARIATION_SCALE**2
+    assert tv(2.0)(Context(x)).item() == pytest.approx(expected)
+    assert tv(1.0)(Context(x)).item() == pytest.approx(math.sqrt(3 * 0.3**2 + 1e-8) / VARIATION_SCALE)
+
+
+def test_alpha_norm_value_by_hand() -> None:
+    x = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    x[0, 0, 0, 1] += PIXEL_SCALE  # one of two pixels is one typical magnitude from the mean
+    assert alpha_norm(6.0)(Context(x)).item() == pytest.approx(0.5, rel=1e-6)
+
+
+def test_feature_error_uses_only_masked_entries() -> None:
+    target = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    code = torch.tensor([[1.0, 0.0, 3.0, 0.0]])
+    mask = torch.tensor([True, False, True, True])
+    # selected: (1,3,4) vs (1,3,0): squared distance 16, squared norm 1+9+16 = 26
+    assert feature_error_squared(code, target, mask).item() == pytest.approx(16 / 26)
+    assert feature_error_squared(code, target).item() == pytest.approx(20 / 30)
+
+
+def test_empty_mask_is_rejected() -> None:
+    rep = TinyNet("conv1")
+    with pytest.raises(ValueError, match="selects no"):
+        match(rep, torch.zeros(4, 4, 4), torch.zeros(4, 4, 4, dtype=torch.bool))
+
+
+def test_objectives_compose_with_plus_and_times() -> None:
+    rep = representation("tiny:relu1").double()
+    x = images(3)
+    target = rep(images(4))
+    objective = match(rep, target) + 0.5 * tv(2) + alpha_norm(6) * 2
+    assert objective.names == ["feature", "tv", "alpha"]
+    terms = objective.evaluate(Context(x))
+    assert terms["tv"] == pytest.approx(0.5 * tv(2)(Context(x)))
+    assert terms["alpha"] == pytest.approx(2 * alpha_norm(6)(Context(x)))
+    total = objective(Context(x))
+    assert total == pytest.approx(terms["feature"] + terms["tv"] + terms["alpha"])
+    with pytest.raises(ValueError, match="distinct"):
+        _ = tv(2) + tv(1)
+    assert (tv(2) + tv(1).named("tv1")).names == ["tv", "tv1"]
+
+
+def test_code_is_computed_once_per_step() -> None:
+    calls = []
+    rep = representation("tiny:conv1")
+    rep.register_forward_hook(lambda *_: calls.append(1))
+    target = torch.zeros(1, 4, 6, 7)
+    (match(rep, target) + match(rep, target + 1).named("other"))(Context(images(5).float()))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: tv(0), lambda: tv(-1), lambda: alpha_norm(0)])
+def test_bad_exponents(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError):
+        make()

@@ -1,0 +1,287 @@
+"""AlexNet, VGG16 and generic torchvision representations: names, shapes, truncation, geometry, weights.
+
+Nothing here downloads: every network has random weights or weights from a temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from invviz.representations.torchvision_models import (
+    VGG16,
+    AlexNet,
+    CaffeStyleNet,
+    TorchvisionModel,
+    generic_torchvision_class,
+    load_state_dict_file,
+)
+from support import gradient_support
+
+ALEXNET_LAYERS = (
+    "conv1 relu1 pool1 conv2 relu2 pool2 conv3 relu3 conv4 relu4 conv5 relu5 pool5 "
+    "fc6 relu6 fc7 relu7 fc8"
+).split()
+VGG16_LAYERS = (
+    "conv1_1 relu1_1 conv1_2 relu1_2 pool1 conv2_1 relu2_1 conv2_2 relu2_2 pool2 "
+    "conv3_1 relu3_1 conv3_2 relu3_2 conv3_3 relu3_3 pool3 "
+    "conv4_1 relu4_1 conv4_2 relu4_2 conv4_3 relu4_3 pool4 "
+    "conv5_1 relu5_1 conv5_2 relu5_2 conv5_3 relu5_3 pool5 fc6 relu6 fc7 relu7 fc8"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty torch hub, and downloads not allowed."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("INVVIZ_ALLOW_DOWNLOAD", raising=False)
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def resnet18_class() -> type[TorchvisionModel]:
+    cls = generic_torchvision_class("resnet18")
+    assert cls is not None
+    return cls
+
+
+def test_caffe_layer_names() -> None:
+    assert AlexNet.layers == tuple(ALEXNET_LAYERS)
+    assert VGG16.layers == tuple(VGG16_LAYERS)
+    assert (AlexNet.model, VGG16.model, AlexNet.native_size) == ("alexnet", "vgg16", 224)
+
+
+@pytest.mark.parametrize(
+    ("cls", "layer", "shape"),
+    [
+        (AlexNet, "conv1", (64, 55, 55)),
+        (AlexNet, "pool5", (256, 6, 6)),
+        (AlexNet, "fc8", (1000,)),
+        (VGG16, "relu5_3", (512, 14, 14)),
+    ],
+)
+def test_code_shapes_at_224(cls: type[CaffeStyleNet], layer: str, shape: tuple[int, ...]) -> None:
+    rep = cls(layer, weights="random").to("meta")  # shapes without the arithmetic
+    assert rep.code_shape(224, 224) == shape
+    assert rep.is_spatial == (len(shape) == 3)
+
+
+def intermediate_outputs(network: nn.Module, paths: list[str], images: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of the modules at ``paths`` during one full forward pass of ``network``."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        # clone: a following in-place ReLU would overwrite the stored tensor
+        network.get_submodule(path).register_forward_hook(
+            lambda module, inputs, output, path=path: outputs.__setitem__(path, output.clone())
+        )
+        for path in paths
+    ]
+    try:
+        with torch.no_grad():
+            network(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[path] for path in paths]
+
+
+def normalized(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@pytest.mark.parametrize(
+    ("cls", "layers", "paths"),
+    [
+        (
+            AlexNet,
+            ["conv2", "pool5", "relu7", "fc8"],
+            ["features.3", "features.12", "classifier.5", "classifier.6"],
+        ),
+        (VGG16, ["fc7"], ["classifier.3"]),
+    ],
+)
+def test_truncated_forward_equals_full_model(
+    cls: type[CaffeStyleNet], layers: list[str], paths: list[str]
+) -> None:
+    images = torch.rand(2, 3, 96, 96)
+    name = cls.model
+    torch.manual_seed(1)
+    full = torchvision.models.get_model(name).eval()
+    expected = intermediate_outputs(full, paths, normalized(images))
+    for layer, want in zip(layers, expected):
+        torch.manual_seed(1)  # the same random weights as `full`
+        rep = cls(layer, weights="random").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(rep(images), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "layer", "size"),
+    [
+        # small inputs whose middle cell still sees only pixels inside the image
+        (AlexNet, "conv1", 35),
+        (AlexNet, "pool1", 67),
+        (AlexNet, "conv3", 131),
+        (AlexNet, "pool5", 227),  # 195 px receptive field
+        (VGG16, "conv1_2", 16),
+        (VGG16, "pool2", 32),
+        (VGG16, "conv3_3", 48),
+    ],
+)
+def test_receptive_field_equals_gradient_support(cls: type[CaffeStyleNet], layer: str, size: int) -> None:
+    rep = cls(layer, weights="random")
+    _, rows, cols = rep.code_shape(size, size)
+    middle = (rows // 2, cols // 2)
+    box = rep.receptive_field(*middle, size, size, clip=False)
+    assert box == box.clip(size, size), "the middle cell should see only pixels inside the image"
+    assert gradient_support(rep, *middle, size, size) == box
+    for corner in [(0, 0), (rows - 1, cols - 1)]:
+        clipped = rep.receptive_field(*corner, size, size)
+        support = gradient_support(rep, *corner, size, size, trials=1)  # containment holds per trial
+        assert clipped.top <= support.top and clipped.left <= support.left
+        assert support.bottom <= clipped.bottom and support.right <= clipped.right
+
+
+def test_vector_layers_see_the_whole_image() -> None:
+    rep = AlexNet("fc6", weights="random")
+    assert rep.windows() is None and rep.stride() == 32
+    assert rep.receptive_field(0, 0, 224, 224).as_tuple() == (0, 0, 224, 224)
+
+
+def test_weights_file_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    full = torchvision.models.alexnet().eval()
+    path = tmp_path / "alexnet.pt"
+    torch.save(full.state_dict(), path)
+    images = torch.rand(1, 3, 224, 224)
+    torch.manual_seed(3)  # different random init: the file must override it
+    rep = AlexNet("fc8", weights=str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rep(images), full(normalized(images)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_state_dict_inside_a_training_checkpoint(tmp_path: Path, wrapper: str) -> None:
+    state = {"weight": torch.rand(3, 3)}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({wrapper: state, "epoch": 3}, path)
+    assert load_state_dict_file(path).keys() == state.keys()
+    torch.testing.assert_close(load_state_dict_file(path)["weight"], state["weight"])
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match="could run code"):
+        AlexNet("conv1", weights=str(path))
+    assert not marker.exists()
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"weight": torch.zeros(100, 100)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    not_tensors = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_tensors)
+    cases = [
+        (tmp_path / "missing.pt", "does not exist"),
+        (truncated, "truncated"),
+        (text, "not a PyTorch checkpoint"),
+        (not_tensors, "does not hold a state dict"),
+        (good, "does not fit torchvision's alexnet: missing features.0.weight"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message) as raised:
+            AlexNet("conv1", weights=str(path))
+        assert "\n" not in str(raised.value)
+
+
+def test_wrong_shapes_are_refused(tmp_path: Path) -> None:
+    state = torchvision.models.resnet18().state_dict()
+    state["fc.weight"] = torch.zeros(10, 512)
+    path = tmp_path / "resnet18_10_classes.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"wrong shapes: fc.weight \(10, 512\) instead of \(1000, 512\)"):
+        resnet18_class()("layer2", weights=str(path))
+
+
+@pytest.mark.parametrize("weights", [None, "imagenet"])
+def test_missing_hub_weights_name_both_ways_out(weights: str | None, no_downloads: Path) -> None:
+    makers = [lambda: AlexNet("conv1", weights=weights), lambda: resnet18_class()("layer2", weights=weights)]
+    for make in makers:
+        with pytest.raises(ValueError) as raised:
+            make()
+        message = str(raised.value)
+        assert str(no_downloads) in message and "INVVIZ_ALLOW_DOWNLOAD=1" in message
+        assert "weights=PATH" in message and "--weights FILE" in message and "weights='random'" in message
+        assert "\n" not in message
+    assert not no_downloads.exists() or not any(no_downloads.iterdir())
+
+
+def test_cached_hub_weights_are_used(no_downloads: Path) -> None:
+    torch.manual_seed(4)
+    full = torchvision.models.resnet18().eval()
+    no_downloads.mkdir(parents=True)
+    torch.save(full.state_dict(), no_downloads / "resnet18-f37072fd.pth")
+    images = torch.rand(1, 3, 64, 64)
+    rep = resnet18_class()("fc").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rep(images), full(normalized(images)), rtol=1e-5, atol=1e-5)
+    (no_downloads / "resnet18-f37072fd.pth").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="could not load the cached ImageNet weights"):
+        resnet18_class()("fc")
+
+
+def test_generic_model_runs_only_up_to_its_layer() -> None:
+    cls = resnet18_class()
+    assert generic_torchvision_class("resnet18") is cls and generic_torchvision_class("no_such_net") is None
+    assert cls.layers[:5] == ("conv1", "bn1", "relu", "maxpool", "layer1") and "layer3.1" in cls.layers
+    rep = cls("layer2", weights="random").eval()
+    assert rep.spec == "resnet18:layer2" and rep.code_shape(224, 224) == (128, 28, 28)
+    later_calls: list[str] = []
+    rep.network.get_submodule("layer3").register_forward_hook(lambda *args: later_calls.append("layer3"))
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        code = rep(images)
+    assert later_calls == []
+    assert not rep.network.get_submodule("layer2")._forward_hooks, "the capture hook must be removed"
+    (expected,) = intermediate_outputs(rep.network, ["layer2"], normalized(images))
+    torch.testing.assert_close(code, expected)
+
+
+def test_generic_receptive_field_is_measured() -> None:
+    rep = resnet18_class()("layer2", weights="random").eval()
+    assert rep.is_spatial and rep.stride(128, 128) == 8
+    # conv1 7 px, maxpool +4, layer1's four 3x3 convs at jump 4 +32, layer2's first conv +8 and three
+    # more at jump 8 +48: 99 px; cell i sees rows -49 + 8 i to 50 + 8 i
+    assert rep.receptive_field(8, 9, 128, 128).as_tuple() == (15, 23, 114, 122)
+    assert rep.receptive_field((0, 2), 0, 128, 128).as_tuple() == (0, 0, 58, 50)
+    with pytest.raises(ValueError, match="outside the code"):
+        rep.receptive_field(16, 0, 128, 128)
+    vector = resnet18_class()("fc", weights="random")
+    assert not vector.is_spatial and vector.receptive_field(0, 0, 64, 64).as_tuple() == (0, 0, 64, 64)
