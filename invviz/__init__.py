@@ -14,6 +14,17 @@ from .engine import (
     resolve_device,
     tv,
 )
+from .engine.analyses import (
+    GalleryResult,
+    channel_gallery,
+    channel_mask,
+    diversity,
+    parse_channels,
+    receptive_field_crop,
+    restarts,
+    window_mask,
+)
+from .engine.jobs import InversionEngine, Job, Progress, Snapshot
 from .images import SAMPLES, image_grid, load_image, png_bytes, roughness, sample_image, save_image
 from .representations import (
     Box,
@@ -31,6 +42,18 @@ __all__ = [
     "Box",
     "Context",
     "DivergenceError",
+    "GalleryResult",
+    "InversionEngine",
+    "Job",
+    "Progress",
+    "Snapshot",
+    "channel_gallery",
+    "channel_mask",
+    "diversity",
+    "parse_channels",
+    "receptive_field_crop",
+    "restarts",
+    "window_mask",
     "InversionResult",
     "Objective",
     "Representation",

@@ -169,6 +169,11 @@ class ProgressBar:
 
 def _invert_command(args: argparse.Namespace) -> None:
     _check_output(args.out, (".png",))
+    gallery = args.channels is not None and not args.channels_together
+    if args.channels_together and args.channels is None:
+        raise UsageError("--channels-together needs --channels")
+    if gallery and args.restarts > 1:
+        raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
     rep = _representation(args)
     image = load_image(args.image, args.size or rep.native_size)
     settings = Settings(
@@ -184,27 +189,15 @@ def _invert_command(args: argparse.Namespace) -> None:
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)
-    gallery = args.channels is not None and not args.channels_together
-    if args.channels_together and args.channels is None:
-        raise UsageError("--channels-together needs --channels")
-    if gallery and args.restarts > 1:
-        raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
     code_shape = rep.code_shape(*image.shape[1:])
     mask = window_mask(code_shape, args.window) if args.window else None
+    channels = parse_channels(args.channels, code_shape[0]) if args.channels is not None else None
     if gallery:
-        channels = parse_channels(args.channels, code_shape[0])
-        tiles = channel_gallery(
-            rep, image, channels, mask=mask, settings=settings, device=args.device, on_step=lambda step, _: progress(step)
-        )
-        save_image(image_grid(tiles.images), args.out)
-        _write_receptive_fields(args, rep, image, tiles.images)
-        for channel, error in zip(tiles.channels, tiles.feature_error):
-            print(f"{args.out} channel {channel}: feature error {error:.4f}")
-        if args.metrics is not None:
-            args.metrics.write_text(json.dumps({**tiles.metrics(), "file": str(args.out)}, indent=2))
+        assert channels is not None
+        _gallery_command(args, rep, image, channels, settings, mask, progress)
         return
-    if args.channels_together:
-        selected = channel_mask(code_shape, parse_channels(args.channels, code_shape[0]))
+    if channels is not None:
+        selected = channel_mask(code_shape, channels)
         mask = selected if mask is None else mask & selected
     result = restarts(rep, image, args.restarts, mask=mask, settings=settings, device=args.device, on_step=progress)
     files = [args.out] + [_sibling(args.out, str(k)) for k in range(2, args.restarts + 1)]
@@ -217,6 +210,27 @@ def _invert_command(args: argparse.Namespace) -> None:
         print(f"diversity (mean pairwise RMS pixel distance): {extra['diversity']:.4f}")
     _write_receptive_fields(args, rep, image, result.images)
     _report(result, files, args.metrics, extra)
+
+
+def _gallery_command(
+    args: argparse.Namespace,
+    rep: Representation,
+    image: torch.Tensor,
+    channels: list[int],
+    settings: Settings,
+    mask: torch.Tensor | None,
+    progress: ProgressBar,
+) -> None:
+    """``--channels`` without ``--channels-together``: each channel inverted alone, one grid OUT.png."""
+    tiles = channel_gallery(
+        rep, image, channels, mask=mask, settings=settings, device=args.device, on_step=lambda step, _: progress(step)
+    )
+    save_image(image_grid(tiles.images), args.out)
+    _write_receptive_fields(args, rep, image, tiles.images)
+    for channel, error in zip(tiles.channels, tiles.feature_error):
+        print(f"{args.out} channel {channel}: feature error {error:.4f}")
+    if args.metrics is not None:
+        args.metrics.write_text(json.dumps({**tiles.metrics(), "file": str(args.out)}, indent=2))
 
 
 def _sibling(path: Path, suffix: str) -> Path:

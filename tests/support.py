@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torch import Tensor, nn
-
-from invviz.representations import Box, Representation, Window
+from invviz.representations import Box, Representation, representation
 
 
 def gradient_support(
@@ -25,12 +23,12 @@ def gradient_support(
     """
     rep = rep.double()
     torch.manual_seed(0)
-    rows, cols = (slice(*r) if isinstance(r, tuple) else slice(r, r + 1) for r in (row, col))
+    row_cells, col_cells = (slice(*r) if isinstance(r, tuple) else slice(r, r + 1) for r in (row, col))
     support = torch.zeros(height, width, dtype=torch.bool)
     for _ in range(trials):
         x = torch.rand(1, 3, height, width, dtype=torch.float64, requires_grad=True)
         code = rep(x)
-        code[0, :, rows, cols].sum().backward()
+        code[0, :, row_cells, col_cells].sum().backward()
         assert x.grad is not None
         support |= x.grad[0].abs().sum(0) > 0
     rows = torch.nonzero(support.any(1)).flatten()
@@ -38,23 +36,7 @@ def gradient_support(
     return Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
 
 
-class TinyNet(Representation):
-    """A two-conv net with fixed seeded weights: code ``(B, 6, ⌈H/2⌉, ⌈W/2⌉)`` in a millisecond."""
 
-    model = "tiny"
-    layers = ("conv2",)
-
-    def __init__(self) -> None:
-        super().__init__("conv2")
-        generator = torch.Generator().manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
-        for parameter in self.parameters():
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
-            parameter.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(torch.relu(self.conv1(x)))
-
-    def windows(self) -> list[Window]:
-        return [Window(3, 2, 1), Window(3, 1, 1)]
+def tiny_net(layer: str = "conv2") -> Representation:
+    """The "tiny" test net (``tests/tiny.py``) through the factory: eval mode, frozen weights."""
+    return representation(f"tiny:{layer}")

@@ -8,14 +8,15 @@ kept in ``artifacts/browser-explorer.png``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -42,8 +43,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def jupyter_lab(tmp_path: Path) -> Iterator[str]:
-    """JupyterLab serving the repository (no token, no password); yields its URL."""
+    """JupyterLab serving a copy of the notebooks (no token, no password); yields its URL.
+
+    A copy, so that JupyterLab's autosave can never write outputs into the repository's notebook.
+    """
     port = free_port()
+    served = tmp_path / "served"
+    shutil.copytree(ROOT / "notebooks", served / "notebooks")
     env = {
         **os.environ,
         "INVVIZ_FAST": "1",
@@ -52,7 +58,7 @@ def jupyter_lab(tmp_path: Path) -> Iterator[str]:
     }
     command = [
         sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.token=",
-        "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", "--allow-root", f"--ServerApp.root_dir={ROOT}",
+        "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", "--allow-root", f"--ServerApp.root_dir={served}",
         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
     ]  # fmt: skip
     log = (tmp_path / "jupyter.log").open("w")
@@ -67,7 +73,9 @@ def jupyter_lab(tmp_path: Path) -> Iterator[str]:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start:\n{(tmp_path / 'jupyter.log').read_text()}") from None
+                    raise RuntimeError(
+                        f"JupyterLab did not start:\n{(tmp_path / 'jupyter.log').read_text()}"
+                    ) from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -99,13 +107,18 @@ def test_explorer_notebook_in_chromium(jupyter_lab: str) -> None:
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
             page.goto(f"{jupyter_lab}/lab/tree/notebooks/00_explorer.ipynb")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
             # Running before the kernel is connected opens a "Select Kernel" dialog.
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+            news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast
+            if news.is_visible():
+                news.click()
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 

@@ -3,24 +3,36 @@ and many rapid requests without leaking threads or deadlocking."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from support import TinyNet
+from support import tiny_net
 from torch import Tensor
 
 from invviz.engine import DivergenceError, InversionResult, Settings, Step, match
 from invviz.engine.jobs import InversionEngine, Job, Reporter, Snapshot
 from invviz.engine.objectives import Context, Objective
+from invviz.representations import Representation
 
 pytestmark = pytest.mark.timeout(60)
 
 SIZE = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny nets run fastest on one thread; with two, every op waits for a core on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -29,7 +41,7 @@ def image() -> Tensor:
 
 
 @pytest.fixture
-def engine() -> InversionEngine:
+def engine() -> Iterator[InversionEngine]:
     with InversionEngine(device="cpu") as engine:
         yield engine
 
@@ -42,7 +54,7 @@ def resident_memory() -> int:
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def counting_objective(rep: TinyNet, image: Tensor, calls: list[int], nan_at: int | None = None) -> Objective:
+def counting_objective(rep: Representation, image: Tensor, calls: list[int], nan_at: int | None = None) -> Objective:
     """``match`` plus a zero term that counts evaluations (and returns NaN at evaluation ``nan_at``)."""
 
     def count(ctx: Context) -> Tensor:
@@ -57,7 +69,7 @@ def counting_objective(rep: TinyNet, image: Tensor, calls: list[int], nan_at: in
 
 def test_runs_and_publishes_first_and_final_snapshots(engine: InversionEngine, image: Tensor) -> None:
     seen: list[Snapshot] = []
-    job = engine.submit(TinyNet(), image, settings=Settings(iters=30), on_snapshot=seen.append)
+    job = engine.submit(tiny_net(), image, settings=Settings(iters=30), on_snapshot=seen.append)
     result = job.wait(30)
     assert isinstance(result, InversionResult) and result.steps == 30
     assert job.state == "done" and job.done and job.error is None and job.result is result
@@ -93,14 +105,14 @@ def test_snapshots_are_throttled(image: Tensor) -> None:
         job.wait(30)
     regular = [(t, s) for t, s in times if not s.final]
     assert regular[0][1].progress.step == 1
-    gaps = [b[0] - a[0] for a, b in zip(regular, regular[1:])]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(regular)]
     assert min(gaps) >= 1 / max_rate - 5e-3  # the copy between the throttle's clock and the callback varies
     assert 3 <= len(regular) <= max_rate * (regular[-1][0] - regular[0][0]) + 1
     assert times[-1][1].final and times[-1][1].progress.step == 300
 
 
 def test_supersede_stops_the_older_job_within_one_iteration(engine: InversionEngine, image: Tensor) -> None:
-    rep = TinyNet()
+    rep = tiny_net()
     calls: list[int] = []
     started = threading.Event()
     old = engine.submit(
@@ -111,7 +123,7 @@ def test_supersede_stops_the_older_job_within_one_iteration(engine: InversionEng
         on_snapshot=lambda s: started.set(),
     )
     assert started.wait(30)
-    new = engine.submit(TinyNet(), image, settings=Settings(iters=5, seed=1))
+    new = engine.submit(tiny_net(), image, settings=Settings(iters=5, seed=1))
     at_supersede = len(calls)
     partial = old.wait(30)
     assert len(calls) - at_supersede <= 1
@@ -123,8 +135,8 @@ def test_supersede_stops_the_older_job_within_one_iteration(engine: InversionEng
 
 def test_cancel_running_and_pending(engine: InversionEngine, image: Tensor) -> None:
     started = threading.Event()
-    running = engine.submit(TinyNet(), image, settings=Settings(iters=1_000_000), on_snapshot=lambda s: started.set())
-    pending = engine.submit(TinyNet(), image, settings=Settings(iters=5), supersede=False)
+    running = engine.submit(tiny_net(), image, settings=Settings(iters=1_000_000), on_snapshot=lambda s: started.set())
+    pending = engine.submit(tiny_net(), image, settings=Settings(iters=5), supersede=False)
     assert started.wait(30)
     assert pending.state == "pending" and not pending.done
     pending.cancel()
@@ -138,7 +150,7 @@ def test_cancel_running_and_pending(engine: InversionEngine, image: Tensor) -> N
 
 
 def test_divergence_fails_and_keeps_the_last_good_image(engine: InversionEngine, image: Tensor) -> None:
-    rep = TinyNet()
+    rep = tiny_net()
     calls: list[int] = []
     seen: list[Snapshot] = []
     job = engine.submit(
@@ -169,14 +181,14 @@ def test_exceptions_are_captured(engine: InversionEngine, image: Tensor, where: 
     if where == "task":
         job = engine.submit_task(task)
     elif where == "arguments":
-        job = engine.submit(TinyNet(), image[0])  # (H, W) is not an image
+        job = engine.submit(tiny_net(), image[0])  # (H, W) is not an image
     else:
-        job = engine.submit(TinyNet(), image, settings=Settings(iters=3), on_snapshot=callback)
+        job = engine.submit(tiny_net(), image, settings=Settings(iters=3), on_snapshot=callback)
     with pytest.raises((RuntimeError, ValueError)) as raised:
         job.wait(30)
     assert job.state == "failed" and job.error is raised.value
     # The engine keeps working after a failed job.
-    assert engine.submit(TinyNet(), image, settings=Settings(iters=2)).wait(30) is not None
+    assert engine.submit(tiny_net(), image, settings=Settings(iters=2)).wait(30) is not None
 
 
 def test_engine_arguments_and_closing(image: Tensor) -> None:
@@ -188,13 +200,13 @@ def test_engine_arguments_and_closing(image: Tensor) -> None:
     engine.close()
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
-        engine.submit(TinyNet(), image)
+        engine.submit(tiny_net(), image)
 
 
 def test_a_dropped_engine_stops_its_thread(image: Tensor) -> None:
     baseline = threading.active_count()
     engine = InversionEngine(device="cpu")
-    engine.submit(TinyNet(), image, settings=Settings(iters=2)).wait(30)
+    engine.submit(tiny_net(), image, settings=Settings(iters=2)).wait(30)
     assert threading.active_count() == baseline + 1
     del engine
     deadline = time.monotonic() + 10
@@ -205,7 +217,7 @@ def test_a_dropped_engine_stops_its_thread(image: Tensor) -> None:
 
 def test_many_rapid_requests(image: Tensor) -> None:
     """1,000 start/supersede/cancel cycles: the last request wins, no thread or memory leak."""
-    rep = TinyNet()
+    rep = tiny_net()
     baseline = threading.active_count()
     memory = resident_memory()
     jobs: list[Job] = []

@@ -6,10 +6,11 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nbformat
 import numpy as np
@@ -128,6 +129,15 @@ def test_layer_and_model_change_update_the_picker(explorer: Explorer) -> None:
     explorer.wait(60)
     assert explorer.picker.shape == (16, 16)
     assert explorer.result is not None and explorer.result.spec == "efficientnet_lite0:blocks.1"
+    rep = explorer._code_rep
+    assert rep is not None and explorer.result.settings.tv_weight == rep.default_tv_weight()
+    explorer.layer = "blocks.10"  # the TV weight follows the layer's default...
+    explorer.wait(60)
+    assert explorer.result.settings.tv_weight == explorer._representation().default_tv_weight()
+    explorer.tv_weight = 0.5  # ... until the user sets one
+    explorer.layer = "blocks.4"
+    explorer.wait(60)
+    assert explorer.result.settings.tv_weight == 0.5
     explorer.model = "hog"
     explorer.wait(60)
     assert explorer.layer == "features" and explorer.error == ""
@@ -152,7 +162,13 @@ def test_errors_are_shown_in_the_widget(explorer: Explorer, monkeypatch: pytest.
     assert explorer.error == "RuntimeError: boom in the worker"
     assert explorer.job is not None and explorer.job.state == "failed" and not explorer.running
 
-    junk = {"name": "junk.png", "type": "image/png", "size": 4, "content": memoryview(b"junk"), "last_modified": datetime.now()}
+    junk = {
+        "name": "junk.png",
+        "type": "image/png",
+        "size": 4,
+        "content": memoryview(b"junk"),
+        "last_modified": datetime.now(),
+    }
     explorer._upload.value = (junk,)  # what the upload button sets
     assert "junk.png" not in explorer._image_choice.options
     assert explorer.error.startswith("ValueError")
@@ -212,7 +228,7 @@ def test_save_writes_view_and_settings(explorer: Explorer, tmp_path: Path) -> No
     panels = decode_png(image_path.read_bytes())
     assert panels.shape[0] >= SIZE and panels.shape[1] > 2 * SIZE
     settings = json.loads(settings_path.read_text())
-    assert settings["layer"] == "blocks.4" and settings["tv_weight"] == 1.0
+    assert settings["layer"] == "blocks.4" and settings["tv_weight"] == explorer.tv_weight
     assert settings["mask"][1][1] is True and settings["size"] == SIZE
 
 
@@ -261,7 +277,9 @@ def test_notebook_runs(tmp_path: Path) -> None:
     assert all(cell.get("outputs", []) == [] for cell in notebook.cells)
     os.environ["INVVIZ_FAST"] = "1"
     try:
-        NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         del os.environ["INVVIZ_FAST"]
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..representations import Box, Representation
 from ._device import resolve_device
 from .invert import DivergenceError, InversionResult, Settings, Step, StopSignal, invert, random_start
+from .objectives import check_mask
 
 #: Channel groups ``parse_channels`` knows, as the paper's "neural streams" figure splits them.
 CHANNEL_GROUPS = ("all", "first-half", "second-half")
@@ -121,22 +122,6 @@ def window_mask(code_shape: Sequence[int], window: tuple[int, int, int, int]) ->
     mask = torch.zeros(tuple(code_shape), dtype=torch.bool)
     mask[:, y : y + h, x : x + w] = True
     return mask
-
-
-def check_mask(mask: Tensor, code_shape: Sequence[int]) -> Tensor:
-    """A user's boolean mask over the code, ``code_shape`` or (spatial codes) ``(H, W)``, as a
-    mask of ``code_shape``; ``ValueError`` if it is not boolean, has another shape, or is empty."""
-    code_shape = tuple(code_shape)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a boolean tensor, got {kind}")
-    shapes = [code_shape] + ([code_shape[1:]] if len(code_shape) == 3 else [])
-    if tuple(mask.shape) not in shapes:
-        expected = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit the code: expected {expected}")
-    if not bool(mask.any()):
-        raise ValueError("mask selects no code entry")
-    return mask.expand(code_shape)
 
 
 @dataclass
@@ -246,10 +231,10 @@ def channel_gallery(
             images[tiles] = error.last_good
             raise DivergenceError(offset + error.step, images) from error
         images[tiles] = result.images
-        for index, error in zip(tiles, result.feature_error):
-            errors[index] = error
+        for index, tile_error in zip(tiles, result.feature_error):
+            errors[index] = tile_error
             if on_tile is not None:
-                on_tile(index, images[index], error)
+                on_tile(index, images[index], tile_error)
         resolved = result.settings
         if result.stopped:
             stopped = True

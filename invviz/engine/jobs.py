@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol, Self
 
 import torch
 from torch import Tensor
@@ -80,7 +80,7 @@ def _detached(images: Tensor) -> Tensor:
 class Reporter:
     """The worker-side half of a job: publishes progress and throttled snapshots, holds ``stop``."""
 
-    def __init__(self, job: "Job", max_rate: float) -> None:
+    def __init__(self, job: Job, max_rate: float) -> None:
         self.job = job
         self.stop = job._stop
         self._interval = 1.0 / max_rate
@@ -198,12 +198,11 @@ class Job:
             reporter.final(result.images)
         except DivergenceError as error:
             self.error = error
-            # An on_snapshot callback that raises here must not hide the divergence.
             try:
                 reporter.final(error.last_good)
-            except Exception:
-                pass
-        except BaseException as error:  # anything, even SystemExit: the worker must survive to run the next job
+            except Exception as callback_error:  # noqa: BLE001  # reported with, not instead of, the divergence
+                error.add_note(f"then the on_snapshot callback raised {callback_error!r}")
+        except BaseException as error:  # noqa: BLE001  # even SystemExit: the worker must live on to run the next job
             self.error = error
         finally:
             if state != "failed" and self.error is not None:
@@ -212,7 +211,7 @@ class Job:
                 self._finish(state)
 
 
-def _work(jobs: "queue.SimpleQueue[Job | None]", max_rate: float) -> None:
+def _work(jobs: queue.SimpleQueue[Job | None], max_rate: float) -> None:
     # Holds no reference to the engine, so an engine that is dropped gets collected and stops this.
     while (job := jobs.get()) is not None:
         job._run(max_rate)
@@ -317,7 +316,7 @@ class InversionEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "InversionEngine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -117,9 +117,10 @@ class HOG(Representation):
         return _uoctti_normalize(histograms)
 
     def _orientations(self, gray: Tensor) -> tuple[Tensor, Tensor]:
-        """Directed orientation bins of the interior pixels and the gradient mass given to each.
+        """The two nearest directed orientation bins of the interior pixels and the mass given to each.
 
-        ``(B, H, W)`` -> bins and weights, ``(B, K, H-2, W-2)`` with ``K = 2`` for HOGb, else 1.
+        ``(B, H, W)`` -> bins and weights, each ``(B, 2, H-2, W-2)``. HOGb splits the gradient
+        magnitude between the two bins by angle; HOG gives it all to the nearest one.
         """
         gx = gray[:, 1:-1, 2:] - gray[:, 1:-1, :-2]
         gy = gray[:, 2:, 1:-1] - gray[:, :-2, 1:-1]
@@ -134,9 +135,6 @@ class HOG(Representation):
             nearest = scores.abs().argmax(1, keepdim=True)
             nearest_score = scores.gather(1, nearest)
             nearest_bin = nearest + ORIENTATIONS * (nearest_score < 0)
-        if not self.bilinear:
-            return nearest_bin, magnitude
-        with torch.no_grad():
             second = scores.abs().scatter(1, nearest, -1.0).argmax(1, keepdim=True)
             second_bin = second + ORIENTATIONS * (scores.gather(1, second) < 0)
             # torch's float32 sqrt can be an ulp off sqrtf, and acos near 1 magnifies that
@@ -156,7 +154,15 @@ class HOG(Representation):
         angle = smooth_angle + (exact_angle - smooth_angle).detach()
         second_share = angle / (math.pi / ORIENTATIONS)
         bins = torch.cat([nearest_bin, second_bin], 1)
-        return bins, magnitude * torch.cat([1 - second_share, second_share], 1)
+        split = magnitude * torch.cat([1 - second_share, second_share], 1)
+        if self.bilinear:
+            return bins, split
+        # Nearest-bin assignment has no derivative with respect to the gradient's angle, so an
+        # inversion could only rescale edges, never turn them (HOG error stuck at 0.25-0.40 on
+        # 256² photos). The backward pass borrows HOGb's split (a straight-through estimator);
+        # ``split - split.detach()`` is exactly 0, so the values stay VLFeat's to the bit.
+        nearest_only = torch.cat([magnitude, torch.zeros_like(magnitude)], 1).detach()
+        return bins, nearest_only + (split - split.detach())
 
     def windows(self) -> Sequence[Window]:
         """Gradient (3 px), bilinear cell pooling, then the 3×3 cells of block normalization.

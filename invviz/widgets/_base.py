@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -76,7 +77,9 @@ class Debouncer:
         while True:
             with self._condition:
                 while not self._closed and (self._deadline is None or self._deadline > time.monotonic()):
-                    self._condition.wait(None if self._deadline is None else self._deadline - time.monotonic())
+                    self._condition.wait(
+                        None if self._deadline is None else self._deadline - time.monotonic()
+                    )
                 if self._closed:
                     return
                 self._deadline = None
@@ -135,6 +138,7 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         self.job: Job | None = None
         self._token: object | None = None
         self._lock = threading.RLock()
+        self._local = threading.local()
         self._uploads: dict[str, bytes] = {}
         self._representations: dict[str, Representation] = {}
         self._images: dict[tuple[str, int], torch.Tensor] = {}
@@ -218,8 +222,21 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         raise NotImplementedError
 
     def _schedule(self) -> None:
-        """Re-run after the debounce delay (the latest request wins)."""
-        self._debouncer.poke()
+        """Re-run after the debounce delay (the latest request wins), unless changes are quiet."""
+        if not self._is_quiet():
+            self._debouncer.poke()
+
+    @contextmanager
+    def _quietly(self) -> Iterator[None]:
+        """Trait changes this thread makes inside do not schedule a re-run (preparation adjusting traits)."""
+        self._local.quiet = True
+        try:
+            yield
+        finally:
+            self._local.quiet = False
+
+    def _is_quiet(self) -> bool:
+        return getattr(self._local, "quiet", False)
 
     def _representation(self) -> Representation:
         """The current layer's representation, on the engine's device (cached per spec)."""
@@ -238,14 +255,23 @@ class InversionWidget(widgets.VBox, Generic[Result]):
             elif name in SAMPLES:
                 self._images[key] = sample_image(name, self.size)
             else:
-                raise ValueError(f"unknown image {name!r}; choose a sample ({', '.join(SAMPLES)}) or upload one")
+                raise ValueError(
+                    f"unknown image {name!r}; choose a sample ({', '.join(SAMPLES)}) or upload one"
+                )
         image = self._images[key]
         self.original = png_bytes(image)
         return image
 
     def _source_controls(self) -> widgets.VBox:
         """Image chooser and upload, model dropdown, layer slider, iterations."""
-        return widgets.VBox([widgets.HBox([self._image_choice, self._upload]), self._model_choice, self._layer_slider, self._iters_slider])
+        return widgets.VBox(
+            [
+                widgets.HBox([self._image_choice, self._upload]),
+                self._model_choice,
+                self._layer_slider,
+                self._iters_slider,
+            ]
+        )
 
     def _run_controls(self) -> widgets.HBox:
         """Run/stop, progress bar and status line."""
@@ -266,18 +292,37 @@ class InversionWidget(widgets.VBox, Generic[Result]):
 
     # --- machinery --------------------------------------------------------------------------------
     def _build_common_controls(self) -> None:
-        wide = {"style": {"description_width": "90px"}, "layout": widgets.Layout(width="330px")}
-        self._image_choice = widgets.Dropdown(options=list(SAMPLES), description="image", style=wide["style"], layout=widgets.Layout(width="230px"))
-        self._upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload", layout=widgets.Layout(width="95px"))
+        wide = control_style()
+        self._image_choice = widgets.Dropdown(
+            options=list(SAMPLES),
+            description="image",
+            style=wide["style"],
+            layout=widgets.Layout(width="265px"),
+        )
+        self._upload = widgets.FileUpload(
+            accept="image/*", multiple=False, description="upload", layout=widgets.Layout(width="95px")
+        )
         self._model_choice = widgets.Dropdown(options=available_models(), description="model", **wide)
-        self._layer_slider = widgets.SelectionSlider(options=model_layers(self.model), description="layer", continuous_update=False, **wide)
-        self._iters_slider = widgets.IntSlider(min=1, max=1000, description="iterations", continuous_update=False, **wide)
-        for trait, control in [("image_name", self._image_choice), ("model", self._model_choice), ("layer", self._layer_slider), ("iters", self._iters_slider)]:
+        self._layer_slider = widgets.SelectionSlider(
+            options=model_layers(self.model), description="layer", continuous_update=False, **wide
+        )
+        self._iters_slider = widgets.IntSlider(
+            min=1, max=1000, description="iterations", continuous_update=False, **wide
+        )
+        for trait, control in [
+            ("image_name", self._image_choice),
+            ("model", self._model_choice),
+            ("layer", self._layer_slider),
+            ("iters", self._iters_slider),
+        ]:
             traitlets.link((self, trait), (control, "value"))
         self._upload.observe(self._reporting(self._on_upload), names=["value"])
         self._run_button = widgets.Button(description="Run", icon="play", layout=widgets.Layout(width="80px"))
-        self._stop_button = widgets.Button(description="Stop", icon="stop", layout=widgets.Layout(width="80px"))
-        self._run_button.on_click(lambda _button: self.run())
+        self._stop_button = widgets.Button(
+            description="Stop", icon="stop", layout=widgets.Layout(width="80px")
+        )
+        # Through the debouncer, so that loading a model never blocks the kernel's main thread.
+        self._run_button.on_click(lambda _button: self._schedule())
         self._stop_button.on_click(lambda _button: self.stop())
         self._progress_bar = widgets.FloatProgress(min=0.0, max=1.0, layout=widgets.Layout(width="200px"))
         self._status_label = widgets.Label().add_class("invviz-status")
@@ -334,9 +379,18 @@ class InversionWidget(widgets.VBox, Generic[Result]):
             self.job = self.engine.submit_task(task, on_snapshot=on_snapshot)
 
 
-def image_panel(owner: traitlets.HasTraits, title: str, trait: str, css_class: str, side: int) -> widgets.VBox:
+def control_style() -> dict[str, Any]:
+    """Keyword arguments that give a labelled control the common width (a fresh layout each call)."""
+    return {"style": {"description_width": "115px"}, "layout": widgets.Layout(width="360px")}
+
+
+def image_panel(
+    owner: traitlets.HasTraits, title: str, trait: str, css_class: str, side: int
+) -> widgets.VBox:
     """A titled image box showing ``owner``'s PNG trait ``trait`` at ``side`` CSS pixels."""
-    image = widgets.Image(format="png", layout=widgets.Layout(width=f"{side}px", height=f"{side}px", object_fit="contain"))
+    image = widgets.Image(
+        format="png", layout=widgets.Layout(width=f"{side}px", height=f"{side}px", object_fit="contain")
+    )
     image.add_class("invviz-image").add_class(css_class)
     traitlets.dlink((owner, trait), (image, "value"))
     return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), image])

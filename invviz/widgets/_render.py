@@ -65,7 +65,9 @@ def heat_overlay_png(image: np.ndarray, heat: np.ndarray, opacity: float = 0.6) 
     return encode_png(blended.round().astype(np.uint8))
 
 
-def loss_svg(steps: Sequence[int], losses: Sequence[float], total: int, width: int = 240, height: int = 110) -> str:
+def loss_svg(
+    steps: Sequence[int], losses: Sequence[float], total: int, width: int = 240, height: int = 110
+) -> str:
     """A small log-scale plot of the total loss against the step, as inline SVG."""
     frame = (
         f'<svg class="invviz-loss-plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -89,13 +91,15 @@ def loss_svg(steps: Sequence[int], losses: Sequence[float], total: int, width: i
     return (
         frame
         + f'<polyline points="{line}" fill="none" stroke="#c0392b" stroke-width="1.5"/>'
-        + f'<text x="3" y="{top + 8}" fill="#555">{10 ** high:.2g}</text>'
-        + f'<text x="3" y="{bottom}" fill="#555">{10 ** low:.2g}</text>'
+        + f'<text x="3" y="{top + 8}" fill="#555">{10**high:.2g}</text>'
+        + f'<text x="3" y="{bottom}" fill="#555">{10**low:.2g}</text>'
         + f'<text x="{left}" y="{height - 4}" fill="#555">loss (log) over {total} steps</text></svg>'
     )
 
 
-def save_view(path_prefix: str | Path, panels: Sequence[bytes], settings: dict[str, object], pad: int = 4) -> tuple[Path, Path]:
+def save_view(
+    path_prefix: str | Path, panels: Sequence[bytes], settings: dict[str, object], pad: int = 4
+) -> tuple[Path, Path]:
     """Write the non-empty PNG ``panels`` side by side to ``PREFIX.png`` and ``settings`` to ``PREFIX.json``."""
     arrays = [decode_png(panel) for panel in panels if panel]
     if not arrays:
@@ -109,7 +113,10 @@ def save_view(path_prefix: str | Path, panels: Sequence[bytes], settings: dict[s
         left += array.shape[1] + pad
     prefix = Path(path_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    image_path, settings_path = prefix.with_name(prefix.name + ".png"), prefix.with_name(prefix.name + ".json")
+    image_path, settings_path = (
+        prefix.with_name(prefix.name + ".png"),
+        prefix.with_name(prefix.name + ".json"),
+    )
     Image.fromarray(canvas).save(image_path)
     settings_path.write_text(json.dumps(settings, indent=2, default=str) + "\n")
     return image_path, settings_path

@@ -15,7 +15,7 @@ from ..engine import InversionResult, Settings, invert
 from ..engine.jobs import InversionEngine, Reporter, Snapshot
 from ..images import SAMPLES
 from ..representations import Representation
-from ._base import InversionWidget, Work, code_array, image_panel, progress_line
+from ._base import InversionWidget, Work, code_array, control_style, image_panel, progress_line
 from ._render import activation_map, crop_png, loss_svg
 from .picker import NeuronPicker, SelectMode
 
@@ -36,23 +36,35 @@ class Explorer(InversionWidget[InversionResult]):
     sample name or a path to an image file.
     """
 
-    tv_weight = traitlets.Float(1.0, help="weight of the TV^β prior")
+    tv_weight = traitlets.Float(0.01, help="weight of the TV^β prior; follows the layer's default until set")
     tv_beta = traitlets.Float(2.0, help="β of the TV^β prior")
     alpha_weight = traitlets.Float(1e-4, help="weight of the α-norm prior")
     alpha = traitlets.Float(6.0, help="α of the α-norm prior")
-    jitter = traitlets.Int(-1, min=-1, help="largest random shift per step in pixels; -1 = the layer's default")
+    jitter = traitlets.Int(0, min=0, help="largest random shift per step in pixels (0: off)")
     seed = traitlets.Int(0, min=0)
-    mask = traitlets.List(traitlets.List(traitlets.Bool()), help="selected code cells, rows × cols (empty: all)")
-    channel = traitlets.Int(-1, min=-1, help="channel shown on the picker and selected with the cells; -1 = all")
+    mask = traitlets.List(
+        traitlets.List(traitlets.Bool()), help="selected code cells, rows × cols (empty: all)"
+    )
+    channel = traitlets.Int(
+        -1, min=-1, help="channel shown on the picker and selected with the cells; -1 = all"
+    )
     reconstruction = traitlets.Bytes(b"", help="PNG of the live reconstruction")
     feature_error = traitlets.Float(math.nan, help="‖Φ(x) − Φ0‖ / ‖Φ0‖ over the selected code")
-    rf_box = traitlets.List(traitlets.Int(), help="receptive field of the selection: top, left, bottom, right")
+    rf_box = traitlets.List(
+        traitlets.Int(), help="receptive field of the selection: top, left, bottom, right"
+    )
     rf_original = traitlets.Bytes(b"", help="PNG crop of the original inside the receptive field")
     rf_reconstruction = traitlets.Bytes(b"", help="PNG crop of the reconstruction inside the receptive field")
 
     rerun_on = (
         *InversionWidget.rerun_on,
-        "tv_weight", "tv_beta", "alpha_weight", "alpha", "jitter", "seed", "mask",
+        "tv_weight",
+        "tv_beta",
+        "alpha_weight",
+        "alpha",
+        "jitter",
+        "seed",
+        "mask",
     )
 
     def __init__(
@@ -61,6 +73,7 @@ class Explorer(InversionWidget[InversionResult]):
         model: str = "efficientnet_lite0",
         layer: str = "blocks.4",
         *,
+        tv_weight: float | None = None,
         autorun: bool = True,
         engine: InversionEngine | None = None,
         device: str | torch.device = "auto",
@@ -68,19 +81,23 @@ class Explorer(InversionWidget[InversionResult]):
         **traits: Any,
     ) -> None:
         super().__init__(model=model, layer=layer, engine=engine, device=device, debounce=debounce, **traits)
-        if image not in SAMPLES:
+        self._tv_follows_layer = tv_weight is None
+        if tv_weight is not None:
+            self.tv_weight = tv_weight
+        if image in SAMPLES:
+            self.image_name = image
+        else:
             self.add_image(Path(image).name, Path(image).read_bytes())
-        self.image_name = Path(image).name
         self.result: InversionResult | None = None
         self._code: np.ndarray | None = None
         self._code_key: tuple[str, str, int] | None = None
         self._code_rep: Representation | None = None
-        self._quiet = False
         self._history: list[tuple[int, float]] = []
         self.picker = NeuronPicker()
         traitlets.link((self, "mask"), (self.picker, "mask"))
         self._build()
         self.observe(self._reporting(self._on_selection), names=["mask", "channel"])
+        self.observe(self._on_tv_weight, names=["tv_weight"])
         self._refresh_code()
         if autorun:
             self.run()
@@ -108,7 +125,7 @@ class Explorer(InversionWidget[InversionResult]):
             tv_beta=self.tv_beta,
             alpha_weight=self.alpha_weight,
             alpha=self.alpha,
-            jitter=None if self.jitter < 0 else self.jitter,
+            jitter=self.jitter,
             seed=self.seed,
         )
         mask = self._code_mask()
@@ -116,7 +133,15 @@ class Explorer(InversionWidget[InversionResult]):
 
         def work(reporter: Reporter) -> InversionResult:
             self._history = []
-            return invert(rep, image, mask=mask, settings=settings, device=device, on_step=reporter.step, stop=reporter.stop)
+            return invert(
+                rep,
+                image,
+                mask=mask,
+                settings=settings,
+                device=device,
+                on_step=reporter.step,
+                stop=reporter.stop,
+            )
 
         return work
 
@@ -151,13 +176,12 @@ class Explorer(InversionWidget[InversionResult]):
             self._code_key, self._code_rep = key, rep
             spatial = self._code.ndim == 3
             self._channel_slider.max = self._code.shape[0] - 1 if spatial else -1
-            # A new grid clears the selection; that must not schedule a second, identical run.
-            self._quiet = True
-            try:
+            # Adjusting traits to the new layer (a new grid clears the selection) is part of this run.
+            with self._quietly():
                 self.picker.image = self.original
                 self._show_activation()
-            finally:
-                self._quiet = False
+                if self._tv_follows_layer:
+                    self.tv_weight = rep.default_tv_weight()
         return rep, image
 
     def _show_activation(self) -> None:
@@ -178,8 +202,12 @@ class Explorer(InversionWidget[InversionResult]):
         if change["name"] == "channel":
             self._show_activation()
         self._update_crops()
-        if not self._quiet and (change["name"] == "mask" or any(any(row) for row in self.mask)):
+        if change["name"] == "mask" or any(any(row) for row in self.mask):
             self._schedule()
+
+    def _on_tv_weight(self, _change: dict[str, Any]) -> None:
+        if not self._is_quiet():
+            self._tv_follows_layer = False  # the user chose a weight: keep it across layers
 
     def _update_crops(self) -> None:
         rows = [r for r, row in enumerate(self.mask) if any(row)]
@@ -196,41 +224,70 @@ class Explorer(InversionWidget[InversionResult]):
 
     # --- layout -----------------------------------------------------------------------------------
     def _build(self) -> None:
-        style = {"description_width": "90px"}
-        wide = widgets.Layout(width="330px")
+        def slider(
+            kind: type[widgets.Widget], trait: str, description: str, **options: Any
+        ) -> widgets.Widget:
+            control = kind(description=description, continuous_update=False, **control_style(), **options)
+            traitlets.link((self, trait), (control, "value"))
+            return control
+
         sliders = [
-            (widgets.FloatLogSlider(base=10, min=-4, max=4, step=0.1, description="TV weight", readout_format=".2g"), "tv_weight"),
-            (widgets.FloatSlider(min=1.0, max=3.0, step=0.1, description="TV β"), "tv_beta"),
-            (widgets.FloatLogSlider(base=10, min=-8, max=0, step=0.1, description="α-norm weight", readout_format=".2g"), "alpha_weight"),
-            (widgets.FloatSlider(min=1.0, max=12.0, step=0.5, description="α"), "alpha"),
-            (widgets.IntSlider(min=-1, max=32, description="jitter (−1 auto)"), "jitter"),
+            slider(
+                widgets.FloatLogSlider,
+                "tv_weight",
+                "TV weight",
+                base=10,
+                min=-5,
+                max=3,
+                step=0.1,
+                readout_format=".2g",
+            ),
+            slider(widgets.FloatSlider, "tv_beta", "TV β", min=1.0, max=3.0, step=0.1),
+            slider(
+                widgets.FloatLogSlider,
+                "alpha_weight",
+                "α-norm weight",
+                base=10,
+                min=-8,
+                max=0,
+                step=0.1,
+                readout_format=".2g",
+            ),
+            slider(widgets.FloatSlider, "alpha", "α", min=1.0, max=12.0, step=0.5),
+            slider(widgets.IntSlider, "jitter", "jitter (px)", min=0, max=32),
         ]
-        for slider, trait in sliders:
-            slider.style, slider.layout, slider.continuous_update = style, wide, False
-            traitlets.link((self, trait), (slider, "value"))
-        self._channel_slider = widgets.IntSlider(min=-1, max=-1, description="channel (−1 all)", style=style, layout=wide, continuous_update=False)
-        traitlets.link((self, "channel"), (self._channel_slider, "value"))
+        self._channel_slider = slider(widgets.IntSlider, "channel", "channel (−1: all)", min=-1, max=-1)
 
         self._loss_plot = widgets.HTML(loss_svg([], [], total=self.iters))
         self._feature_label = widgets.HTML().add_class("invviz-feature-error")
-        traitlets.dlink((self, "feature_error"), (self._feature_label, "value"), lambda e: f"feature error <b>{e:.3f}</b>" if math.isfinite(e) else "")
+        traitlets.dlink(
+            (self, "feature_error"),
+            (self._feature_label, "value"),
+            lambda e: f"feature error <b>{e:.3f}</b>" if math.isfinite(e) else "",
+        )
         self._crops = widgets.HBox(
             [
                 image_panel(self, "receptive field: original", "rf_original", "invviz-rf-original", CROP),
-                image_panel(self, "… and reconstruction", "rf_reconstruction", "invviz-rf-reconstruction", CROP),
+                image_panel(
+                    self, "… and reconstruction", "rf_reconstruction", "invviz-rf-reconstruction", CROP
+                ),
             ],
             layout=widgets.Layout(display="none"),
         )
         self.picker.display_size = PANEL
-        picker_panel = widgets.VBox([widgets.HTML("<b>neurons</b> (click, drag, shift+click)"), self.picker, self._channel_slider])
+        picker_panel = widgets.VBox(
+            [widgets.HTML("<b>neurons</b> (click, drag, shift+click)"), self.picker, self._channel_slider]
+        )
         self.children = [
-            widgets.HBox([self._source_controls(), widgets.VBox([slider for slider, _ in sliders])]),
+            widgets.HBox([self._source_controls(), widgets.VBox(sliders)]),
             self._run_controls(),
-            widgets.HBox([
-                image_panel(self, "original", "original", "invviz-original", PANEL),
-                image_panel(self, "reconstruction", "reconstruction", "invviz-reconstruction", PANEL),
-                picker_panel,
-            ]),
+            widgets.HBox(
+                [
+                    image_panel(self, "original", "original", "invviz-original", PANEL),
+                    image_panel(self, "reconstruction", "reconstruction", "invviz-reconstruction", PANEL),
+                    picker_panel,
+                ]
+            ),
             widgets.HBox([self._crops, widgets.VBox([self._loss_plot, self._feature_label])]),
             self._error_label,
         ]

@@ -13,7 +13,7 @@ import traitlets
 from ..engine import Settings
 from ..engine.analyses import GalleryResult, channel_gallery, parse_channels
 from ..engine.jobs import InversionEngine, Reporter, Snapshot
-from ._base import InversionWidget, Work, code_array, image_panel, progress_line
+from ._base import InversionWidget, Work, code_array, control_style, image_panel, progress_line
 from ._render import activation_map, decode_png, heat_overlay_png
 from .tiles import TileGrid
 
@@ -50,7 +50,16 @@ class ChannelGallery(InversionWidget[GalleryResult]):
         debounce: float = 0.3,
         **traits: Any,
     ) -> None:
-        super().__init__(image_name=image, model=model, layer=layer, iters=iters, engine=engine, device=device, debounce=debounce, **traits)
+        super().__init__(
+            image_name=image,
+            model=model,
+            layer=layer,
+            iters=iters,
+            engine=engine,
+            device=device,
+            debounce=debounce,
+            **traits,
+        )
         self._code: np.ndarray | None = None
         self.grid = TileGrid(tile_size=112)
         traitlets.link((self, "selected"), (self.grid, "selected"))
@@ -77,7 +86,15 @@ class ChannelGallery(InversionWidget[GalleryResult]):
         device = self.engine.device
 
         def work(reporter: Reporter) -> GalleryResult:
-            return channel_gallery(rep, image, channels, settings=settings, device=device, on_step=reporter.step, stop=reporter.stop)
+            return channel_gallery(
+                rep,
+                image,
+                channels,
+                settings=settings,
+                device=device,
+                on_step=reporter.step,
+                stop=reporter.stop,
+            )
 
         return work
 
@@ -117,10 +134,19 @@ class ChannelGallery(InversionWidget[GalleryResult]):
         self._detail.layout.display = "flex" if index >= 0 else "none"
 
     def _build(self) -> None:
-        channels_text = widgets.Text(description="channels", continuous_update=False, style={"description_width": "90px"}, layout=widgets.Layout(width="330px"))
+        channels_text = widgets.Text(
+            description="channels",
+            continuous_update=False,
+            **control_style(),
+        )
         traitlets.link((self, "channels"), (channels_text, "value"))
         self._detail = widgets.HBox(
-            [image_panel(self, "selected tile", "enlarged", "invviz-enlarged", ENLARGED), image_panel(self, "its channel's activation", "activation", "invviz-channel-activation", ENLARGED)],
+            [
+                image_panel(self, "selected tile", "enlarged", "invviz-enlarged", ENLARGED),
+                image_panel(
+                    self, "its channel's activation", "activation", "invviz-channel-activation", ENLARGED
+                ),
+            ],
             layout=widgets.Layout(display="none"),
         )
         self.children = [

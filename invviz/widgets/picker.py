@@ -25,7 +25,9 @@ class NeuronPicker(anywidget.AnyWidget):
     _css = _HERE / "invviz.css"
 
     image = traitlets.Bytes(b"", help="PNG of the image under the heatmap").tag(sync=True)
-    activation = traitlets.List(traitlets.List(traitlets.Float()), help="rows × cols in [0, 1]").tag(sync=True)
+    activation = traitlets.List(traitlets.List(traitlets.Float()), help="rows × cols in [0, 1]").tag(
+        sync=True
+    )
     mask = traitlets.List(traitlets.List(traitlets.Bool()), help="selected cells, rows × cols").tag(sync=True)
     opacity = traitlets.Float(0.55, min=0.0, max=1.0, help="heatmap opacity").tag(sync=True)
     display_size = traitlets.Int(300, help="canvas width in CSS pixels").tag(sync=True)
@@ -68,7 +70,11 @@ class NeuronPicker(anywidget.AnyWidget):
             raise ValueError(f"cells rows {r0}:{r1}, cols {c0}:{c1} are outside the {height}x{width} grid")
         if mode not in ("replace", "add", "toggle"):
             raise ValueError(f"mode must be replace, add or toggle, got {mode!r}")
-        grid = np.zeros((height, width), bool) if mode == "replace" else np.array(self.mask, bool).reshape(height, width)
+        grid = (
+            np.zeros((height, width), bool)
+            if mode == "replace"
+            else np.array(self.mask, bool).reshape(height, width)
+        )
         window = grid[r0:r1, c0:c1]
         grid[r0:r1, c0:c1] = ~window if mode == "toggle" else True
         self.mask = grid.tolist()
@@ -81,7 +87,9 @@ class NeuronPicker(anywidget.AnyWidget):
     def _check_mask(self, proposal: dict[str, Any]) -> list[list[bool]]:
         mask = proposal["value"]
         if self.activation and (len(mask), len(mask[0]) if mask else 0) != self.shape:
-            raise traitlets.TraitError(f"mask must be {self.shape[0]}x{self.shape[1]} like the activation map")
+            raise traitlets.TraitError(
+                f"mask must be {self.shape[0]}x{self.shape[1]} like the activation map"
+            )
         return mask
 
     def _handle_message(self, _widget: Any, content: dict[str, Any], _buffers: list[bytes]) -> None:

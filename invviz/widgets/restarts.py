@@ -14,7 +14,7 @@ from torch import Tensor
 from ..engine import InversionResult, Settings
 from ..engine.analyses import diversity, restarts
 from ..engine.jobs import InversionEngine, Reporter, Snapshot
-from ._base import InversionWidget, Work, progress_line
+from ._base import InversionWidget, Work, control_style, progress_line
 from .tiles import TileGrid
 
 
@@ -52,15 +52,31 @@ class RestartsView(InversionWidget[RestartsOutcome]):
         debounce: float = 0.3,
         **traits: Any,
     ) -> None:
-        super().__init__(image_name=image, model=model, layer=layer, engine=engine, device=device, debounce=debounce, **traits)
+        super().__init__(
+            image_name=image,
+            model=model,
+            layer=layer,
+            engine=engine,
+            device=device,
+            debounce=debounce,
+            **traits,
+        )
         self.grid = TileGrid(tile_size=160)
         self._diversity_label = widgets.HTML().add_class("invviz-diversity")
         traitlets.dlink(
             (self, "diversity"),
             (self._diversity_label, "value"),
-            lambda value: f"diversity <b>{value:.3f}</b> (mean pairwise RMS distance)" if math.isfinite(value) else "",
+            lambda value: (
+                f"diversity <b>{value:.3f}</b> (mean pairwise RMS distance)" if math.isfinite(value) else ""
+            ),
         )
-        k_slider = widgets.IntSlider(min=1, max=12, description="restarts", continuous_update=False, style={"description_width": "90px"}, layout=widgets.Layout(width="330px"))
+        k_slider = widgets.IntSlider(
+            min=1,
+            max=12,
+            description="restarts",
+            continuous_update=False,
+            **control_style(),
+        )
         traitlets.link((self, "k"), (k_slider, "value"))
         self.children = [
             widgets.HBox([self._source_controls(), k_slider]),
@@ -89,7 +105,9 @@ class RestartsView(InversionWidget[RestartsOutcome]):
         device = self.engine.device
 
         def work(reporter: Reporter) -> RestartsOutcome:
-            result = restarts(rep, image, k, settings=settings, device=device, on_step=reporter.step, stop=reporter.stop)
+            result = restarts(
+                rep, image, k, settings=settings, device=device, on_step=reporter.step, stop=reporter.stop
+            )
             return RestartsOutcome(result.images, result, diversity(result.images))
 
         return work
@@ -104,7 +122,9 @@ class RestartsView(InversionWidget[RestartsOutcome]):
         self.diversity = outcome.diversity
         self.feature_errors = outcome.result.feature_error
         verb = "stopped" if outcome.result.stopped else "done"
-        self.status = f"{verb} · {self.k} starts, {outcome.result.steps} steps in {outcome.result.seconds:.1f} s"
+        self.status = (
+            f"{verb} · {self.k} starts, {outcome.result.steps} steps in {outcome.result.seconds:.1f} s"
+        )
 
     def _view_panels(self) -> list[bytes]:
         return list(self.grid.tiles)

@@ -1,0 +1,135 @@
+"""Per-layer reconstruction quality and cost of invviz's default inversion on EfficientNet-Lite0.
+
+Prints one row per layer: iterations, seconds, relative feature error ‖Φ(x) − Φ0‖ / ‖Φ0‖ of the
+8-bit PNG result, and roughness (mean absolute neighbour difference) relative to the original —
+for invviz's defaults and for a naive baseline (Adam on raw pixels, constant rate, fixed small TV).
+A second table compares one engine iteration with a bare forward+backward of the truncated net.
+
+    python benchmarks/bench_layers.py                 # the demo's six layers, two photos
+    python benchmarks/bench_layers.py --all           # every layer from stem to head, four photos
+    python benchmarks/bench_layers.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from invviz import Settings, invert, representation, roughness, sample_image
+from invviz.demo import DEMO_LAYERS
+from invviz.engine import Context, match, tv
+from invviz.images import SAMPLES
+
+ALL_LAYERS = ("stem", *(f"blocks.{i}" for i in range(16)), "head")
+
+
+def quantized(image: torch.Tensor) -> torch.Tensor:
+    """What a PNG stores: 8-bit values."""
+    return (image * 255).round() / 255
+
+
+def relative_error(rep: torch.nn.Module, image: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        code = rep(quantized(image)[None].to(target.device))
+    return float((code - target).norm() / target.norm())
+
+
+def naive(rep, image: torch.Tensor, iters: int, device: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Adam (rate 0.05) on raw pixels from mid-gray noise, TV weight 0.003, no pyramid, no decay."""
+    with torch.no_grad():
+        target = rep(image[None].to(device))
+    generator = torch.Generator().manual_seed(0)
+    pixels = (0.5 + 0.05 * torch.randn(1, 3, *image.shape[1:], generator=generator)).to(device).requires_grad_(True)
+    objective = match(rep, target) + 0.003 * tv(2)
+    optimizer = torch.optim.Adam([pixels], lr=0.05)
+    for _ in range(iters):
+        optimizer.zero_grad()
+        objective(Context(pixels)).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            pixels.clamp_(0, 1)
+    return pixels.detach()[0].cpu()
+
+
+def per_iteration_cost(layer: str, device: str, repeats: int = 20) -> tuple[float, float]:
+    """Seconds per step: a bare forward+backward of the truncated net vs one engine step."""
+    rep = representation("efficientnet_lite0", layer=layer).to(device)
+    image = sample_image("chelsea")
+    x = image[None].to(device).requires_grad_(True)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        rep(x).square().sum().backward()
+    sync()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        rep(x).square().sum().backward()
+    sync()
+    bare = (time.perf_counter() - began) / repeats
+    invert(rep, image, settings=Settings(iters=3), device=device)
+    sync()
+    began = time.perf_counter()
+    invert(rep, image, settings=Settings(iters=repeats), device=device)
+    sync()
+    engine = (time.perf_counter() - began) / repeats
+    return bare, engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true", help="every layer stem…head and all four photos")
+    parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
+    parser.add_argument("--images", help=f"comma-separated bundled photos (default: chelsea,coffee; all: {','.join(SAMPLES)})")
+    parser.add_argument("--iters", type=int, default=Settings.iters)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    layers = ALL_LAYERS if args.all else tuple(args.layers.split(",")) if args.layers else DEMO_LAYERS
+    names = SAMPLES if args.all else tuple(args.images.split(",")) if args.images else ("chelsea", "coffee")
+    photos = {name: sample_image(name) for name in names}
+
+    print(f"EfficientNet-Lite0, 224², {args.iters} iterations, photos: {', '.join(names)}, device {args.device}")
+    print("error = ‖Φ(png) − Φ0‖/‖Φ0‖ (mean / max over photos); roughness = recon/original (mean / max)")
+    header = f"| {'layer':<9} | {'iters':>5} | {'s/inversion':>11} | {'error':>13} | {'roughness':>11} |"
+    if not args.no_baseline:
+        header += f" {'naive error':>13} | {'naive rough.':>12} |"
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for layer in layers:
+        rep = representation("efficientnet_lite0", layer=layer).to(args.device)
+        errors, rough, seconds, naive_errors, naive_rough = [], [], [], [], []
+        for photo in photos.values():
+            with torch.no_grad():
+                target = rep(photo[None].to(args.device))
+            result = invert(rep, photo, settings=Settings(iters=args.iters), device=args.device)
+            seconds.append(result.seconds)
+            errors.append(relative_error(rep, result.image, target))
+            rough.append(roughness(quantized(result.image)) / roughness(photo))
+            if not args.no_baseline:
+                baseline = naive(rep, photo, args.iters, args.device)
+                naive_errors.append(relative_error(rep, baseline, target))
+                naive_rough.append(roughness(quantized(baseline)) / roughness(photo))
+        row = (
+            f"| {layer:<9} | {args.iters:>5} | {statistics.mean(seconds):>11.1f} | "
+            f"{statistics.mean(errors):>6.3f}/{max(errors):.3f} | {statistics.mean(rough):>5.2f}/{max(rough):.2f} |"
+        )
+        if not args.no_baseline:
+            row += f" {statistics.mean(naive_errors):>6.3f}/{max(naive_errors):.3f} | {statistics.mean(naive_rough):>5.2f}/{max(naive_rough):>5.2f} |"
+        print(row, flush=True)
+
+    print("\nPer-iteration cost (224², batch 1): engine step vs bare forward+backward of the truncated net")
+    print(f"| {'layer':<9} | {'bare ms':>8} | {'engine ms':>9} | {'ratio':>5} |")
+    print("|-----------|----------|-----------|-------|")
+    for layer in ("blocks.4", "blocks.10", "head"):
+        bare, engine = per_iteration_cost(layer, args.device)
+        print(f"| {layer:<9} | {bare * 1e3:>8.1f} | {engine * 1e3:>9.1f} | {engine / bare:>5.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+import threading
+
+import pytest
+import torch
+
+from invviz import DivergenceError, Objective, Settings, invert, match, representation, roughness, sample_image, tv
+from invviz.engine.invert import PAPER_SCHEDULE, _learning_rate
+
+
+@pytest.fixture(scope="module")
+def photo() -> torch.Tensor:
+    return sample_image("chelsea", 64)
+
+
+def test_inversion_really_lowers_the_feature_error(photo) -> None:
+    rep = representation("efficientnet_lite0:blocks.1")
+    result = invert(rep, photo, settings=Settings(iters=60), device="cpu")
+    history = result.history["feature"]
+    assert len(history) == 60
+    # From a flat start the error is near 1; the reconstruction must get far below it.
+    assert history[0][0] ** 0.5 > 0.5
+    assert result.feature_error[0] < 0.2
+    # The reported error is the true one, recomputed on the returned image.
+    with torch.no_grad():
+        target = rep(photo[None])
+        error = (rep(result.images) - target).norm() / target.norm()
+    assert result.feature_error[0] == pytest.approx(error.item(), rel=1e-4)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert roughness(result.image) < 2 * roughness(photo)
+
+
+def test_same_seed_same_result_other_seed_other_result(photo) -> None:
+    rep = representation("tiny:conv2")
+    a = invert(rep, photo, settings=Settings(iters=10, seed=1), device="cpu")
+    b = invert(rep, photo, settings=Settings(iters=10, seed=1), device="cpu")
+    c = invert(rep, photo, settings=Settings(iters=10, seed=2), device="cpu")
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_every_term_has_a_history(photo) -> None:
+    result = invert(representation("tiny:relu1"), photo, settings=Settings(iters=7, jitter=2), device="cpu")
+    assert set(result.history) == {"feature", "tv", "alpha"}
+    assert all(len(values) == 7 for values in result.history.values())
+    assert result.settings.tv_weight == representation("tiny:relu1").default_tv_weight()
+
+
+def test_restarts_are_a_batch_of_different_images(photo) -> None:
+    result = invert(representation("tiny:conv2"), photo, batch=3, settings=Settings(iters=10), device="cpu")
+    assert result.images.shape == (3, 3, 64, 64) and len(result.feature_error) == 3
+    assert not torch.allclose(result.images[0], result.images[1])
+
+
+def test_a_mask_limits_what_is_matched(photo) -> None:
+    rep = representation("tiny:conv2")
+    mask = torch.zeros(rep.code_shape(64, 64), dtype=torch.bool)
+    mask[:, :5, :5] = True
+    result = invert(rep, photo, mask=mask, settings=Settings(iters=40, tv_weight=0), device="cpu")
+    with torch.no_grad():
+        target, code = rep(photo[None]), rep(result.images)
+    inside = ((code - target)[:, mask].norm() / target[:, mask].norm()).item()
+    assert result.feature_error[0] == pytest.approx(inside, rel=1e-4)
+    outside = ((code - target)[:, ~mask].norm() / target[:, ~mask].norm()).item()
+    assert inside < 0.5 * outside
+
+
+def test_target_and_size_instead_of_an_image(photo) -> None:
+    rep = representation("tiny:conv1")
+    with torch.no_grad():
+        target = rep(photo[None])[0]
+    result = invert(rep, target=target, size=(64, 64), settings=Settings(iters=5), device="cpu")
+    assert result.images.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="target code together with the image size"):
+        invert(rep, target=target)
+
+
+def test_grayscale_representations_give_gray_images() -> None:
+    result = invert(representation("hog"), sample_image("coffee", 48), settings=Settings(iters=5), device="cpu")
+    image = result.image
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_a_set_stop_event_ends_the_run(photo) -> None:
+    stop = threading.Event()
+    seen = []
+
+    def on_step(step) -> None:  # type: ignore[no-untyped-def]
+        seen.append(step.step)
+        if step.step == 4:
+            stop.set()
+
+    result = invert(representation("tiny:conv1"), photo, settings=Settings(iters=50), on_step=on_step, stop=stop)
+    assert result.stopped and result.steps == 4 and seen == [1, 2, 3, 4]
+
+
+def test_divergence_is_detected_and_keeps_the_last_good_image(photo) -> None:
+    rep = representation("tiny:conv1")
+    calls = {"n": 0}
+
+    def exploding(ctx):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        value = ctx.images.mean((1, 2, 3))
+        return value * float("nan") if calls["n"] >= 5 else value
+
+    objective = Objective((("boom", 1.0, exploding),)) + tv(2)
+    with pytest.raises(DivergenceError, match="step 5") as caught:
+        invert(rep, photo, objective=objective, settings=Settings(iters=20), device="cpu")
+    assert torch.isfinite(caught.value.last_good).all() and caught.value.last_good.shape == (1, 3, 64, 64)
+
+
+def test_custom_objective(photo) -> None:
+    rep = representation("tiny:conv1")
+    with torch.no_grad():
+        target = rep(photo[None])
+    objective = match(rep, target) + 0.1 * tv(1)
+    result = invert(rep, photo, objective=objective, settings=Settings(iters=5), device="cpu")
+    assert set(result.history) == {"feature", "tv"}
+
+
+def test_paper_schedule_follows_the_cvpr_code() -> None:
+    settings = Settings(iters=400, optimizer="paper", lr=0.004)
+    rates = [_learning_rate(settings, step) for step in range(400)]
+    assert rates[0] == rates[99] == pytest.approx(0.004)
+    assert rates[100] == rates[299] == pytest.approx(0.0004)
+    assert rates[300] == rates[399] == pytest.approx(0.00004)
+    assert sum(fraction for fraction, _ in PAPER_SCHEDULE) == pytest.approx(1)
+
+
+def test_paper_optimizer_lowers_the_error(photo) -> None:
+    rep = representation("tiny:conv2")
+    result = invert(rep, photo, settings=Settings(iters=40, optimizer="paper", tv_weight=0.001), device="cpu")
+    errors = [v[0] ** 0.5 for v in result.history["feature"]]
+    assert result.feature_error[0] < 0.7 * errors[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"iters": 0}, "iters"),
+        ({"iters": 2.5}, "iters"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"lr": 0}, "lr"),
+        ({"tv_weight": float("nan")}, "tv_weight"),
+        ({"tv_weight": -1}, "tv_weight"),
+        ({"tv_beta": 0}, "tv_beta"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"jitter": -1}, "jitter"),
+        ({"seed": -2}, "seed"),
+        ({"pyramid_levels": 0}, "pyramid_levels"),
+    ],
+)
+def test_settings_reject_bad_values(kwargs, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        Settings(**kwargs)
+
+
+def test_bad_calls(photo) -> None:
+    rep = representation("tiny:conv1")
+    with pytest.raises(ValueError, match="at least 1"):
+        invert(rep, photo, batch=0)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        invert(rep, photo[None])
+    with pytest.raises(ValueError, match="device"):
+        invert(rep, photo, device="tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inversion_matches_the_cpu_quality(photo) -> None:
+    rep = representation("efficientnet_lite0:blocks.1")
+    result = invert(rep, photo, settings=Settings(iters=60), device="cuda")
+    assert result.feature_error[0] < 0.2 and result.images.device.type == "cpu"
+
+
+def test_a_mask_that_does_not_fit_the_code_is_a_clear_error(photo) -> None:
+    rep = representation("tiny:conv2")
+    with pytest.raises(ValueError, match="does not fit the code"):
+        invert(rep, photo, mask=torch.ones(5, 5, dtype=torch.bool), settings=Settings(iters=2))
+    with pytest.raises(ValueError, match="selects no"):
+        invert(rep, photo, mask=torch.zeros(rep.code_shape(64, 64), dtype=torch.bool), settings=Settings(iters=2))
