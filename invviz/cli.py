@@ -10,8 +10,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .engine.analyses import (
     restarts,
     window_mask,
 )
-from .engine.invert import OPTIMIZERS
+from .engine.loop import OPTIMIZERS
 from .images import image_grid, load_image, save_image
 from .representations import Representation, available_models, model_layers, model_options, representation
 
@@ -92,15 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     inv = commands.add_parser("invert", help="reconstruct an image from its code at a layer")
     _add_rep_options(inv)
     inv.add_argument("--metrics", type=Path, help="write JSON metrics here")
-    inv.add_argument("--iters", type=positive_int, default=Settings.iters)
-    inv.add_argument("--seed", type=non_negative_int, default=0)
+    inv.add_argument("--iters", type=positive_int, default=Settings.iters, help=f"optimization steps (default {Settings.iters})")
+    inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start image (default 0)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
-    inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta)
-    inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight)
-    inv.add_argument("--alpha", type=positive_float, default=Settings.alpha)
+    inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta, help=f"TV exponent β (default {Settings.tv_beta:g}; 1 gives spikes)")
+    inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight, help=f"α-norm prior weight (default {Settings.alpha_weight:g})")
+    inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
-    inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer)
+    inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
     inv.add_argument("--quiet", action="store_true", help="no progress bar")
     inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
                      help="K reconstructions from different random starts: OUT.png, OUT-2.png … OUT-K.png, OUT-grid.png")
@@ -146,24 +147,28 @@ def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
 
 
 class ProgressBar:
-    """A one-line text progress bar on stderr, redrawn at most ten times a second."""
+    """A one-line text progress bar on stderr, redrawn at most ten times a second.
+
+    When stderr is not a terminal (logs, CI) only the finished line is written.
+    """
 
     def __init__(self, label: str, enabled: bool = True) -> None:
         self.label = label
         self.enabled = enabled
+        self.live = sys.stderr.isatty()
         self._last = 0.0
 
     def __call__(self, step: Step) -> None:
+        finished = step.step == step.total
         now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.1 and step.step < step.total):
+        if not self.enabled or (not finished and (not self.live or now - self._last < 0.1)):
             return
         self._last = now
         width = 30
         filled = round(width * step.step / step.total)
         error = f" err {step.feature_error[0]:.3f}" if step.feature_error else ""
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}")
-        if step.step == step.total:
-            sys.stderr.write("\n")
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}"
+        sys.stderr.write(("\r" if self.live else "") + line + ("\n" if finished else ""))
         sys.stderr.flush()
 
 

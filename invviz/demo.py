@@ -8,15 +8,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .engine import InversionResult, Settings, invert  # noqa: E402
-from .images import load_image, roughness, sample_path, save_image, to_uint8  # noqa: E402
-from .representations import representation  # noqa: E402
+from .engine import InversionResult, Settings, invert
+from .images import load_image, roughness, sample_path, save_image, to_uint8
+from .representations import representation
 
 MODEL = "efficientnet_lite0"
 #: Six depths of EfficientNet-Lite0, from edges to object parts.
-DEMO_LAYERS = ("stem", "blocks.1", "blocks.4", "blocks.8", "blocks.12", "head")
+DEMO_LAYERS = ("stem", "blocks.1", "blocks.4", "blocks.8", "blocks.12", "blocks.15")
 
 
 def run_demo(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,24 +29,11 @@ from invviz.engine.analyses import (
 from invviz.engine.objectives import Context
 from invviz.representations import Box, representation
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("one_thread")]
 
-SIZE = 16
+from conftest import TINY_SIZE as SIZE
+
 CODE = (6, 7, 7)  # the "tiny" test net's code at SIZE × SIZE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny nets run fastest on one thread; with two, every op waits for a core on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def image() -> Tensor:
-    return torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
 
 
 # --- masks --------------------------------------------------------------------------------------

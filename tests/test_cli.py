@@ -128,7 +128,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, photo, capsys) -> None:
     make, fragment = BAD_INPUTS[case]
-    code, stdout, stderr = run(capsys, *make(tmp_path, photo))
+    code, _, stderr = run(capsys, *make(tmp_path, photo))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, photo, capsys) -> None
 def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "invviz", "invert", str(tmp_path / "missing.png"), "--rep", "hog", "--out", str(tmp_path / "o.png")],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -152,3 +152,16 @@ def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
     for option in ("--tv-beta", "--alpha-weight", "--lr"):
         code, _, err = run(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
+
+
+def test_demo_writes_a_captioned_grid_a_table_and_metrics(tmp_path, capsys) -> None:
+    code, stdout, stderr = run(capsys, "demo", "--out", tmp_path, "--iters", "3")
+    assert code == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    layers = [row["layer"] for row in record["results"]]
+    assert len(layers) == 6 and layers[0] == "stem"
+    assert all(Path(row["file"]).exists() and 0 < row["feature_error"] for row in record["results"])
+    assert Image.open(tmp_path / "demo.png").size[0] > 6 * 150
+    for layer in layers:
+        assert layer in stdout  # the printed table
+    assert "3/3" in stderr  # the progress bar's finished line

@@ -3,8 +3,18 @@ import threading
 import pytest
 import torch
 
-from invviz import DivergenceError, Objective, Settings, invert, match, representation, roughness, sample_image, tv
-from invviz.engine.invert import PAPER_SCHEDULE, _learning_rate
+from invviz import (
+    DivergenceError,
+    Objective,
+    Settings,
+    invert,
+    match,
+    representation,
+    roughness,
+    sample_image,
+    tv,
+)
+from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +187,17 @@ def test_a_mask_that_does_not_fit_the_code_is_a_clear_error(photo) -> None:
         invert(rep, photo, mask=torch.ones(5, 5, dtype=torch.bool), settings=Settings(iters=2))
     with pytest.raises(ValueError, match="selects no"):
         invert(rep, photo, mask=torch.zeros(rep.code_shape(64, 64), dtype=torch.bool), settings=Settings(iters=2))
+
+
+def test_tv_is_scaled_by_image_over_receptive_field_area_for_window_masks(photo) -> None:
+    rep = representation("tiny:conv2")
+    mask = torch.zeros(rep.code_shape(64, 64), dtype=torch.bool)
+    mask[:, 2:4, 5:6] = True
+    box = rep.receptive_field((2, 4), (5, 6), 64, 64)
+    assert (box.height, box.width) == (7, 5)  # 5-pixel fields, 2 pixels apart
+    settings = Settings(iters=1, tv_weight=0.01)
+    masked = invert(rep, photo, mask=mask, settings=settings, device="cpu")
+    whole = invert(rep, photo, settings=settings, device="cpu")
+    # Both start from the same seeded image, so the logged TV terms differ only by the weight.
+    ratio = masked.history["tv"][0][0] / whole.history["tv"][0][0]
+    assert ratio == pytest.approx(64 * 64 / (7 * 5), rel=1e-5)

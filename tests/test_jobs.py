@@ -21,23 +21,9 @@ from invviz.engine.jobs import InversionEngine, Job, Reporter, Snapshot
 from invviz.engine.objectives import Context, Objective
 from invviz.representations import Representation
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
-SIZE = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny nets run fastest on one thread; with two, every op waits for a core on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def image() -> Tensor:
-    return torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+from conftest import TINY_SIZE as SIZE
 
 
 @pytest.fixture

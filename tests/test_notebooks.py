@@ -39,7 +39,11 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
     first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
     assert "INVVIZ_FAST" in first_code.source, f"{path.name}'s first code cell must read INVVIZ_FAST"
-    environment = {**os.environ, "INVVIZ_FAST": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    environment = {
+        **os.environ,
+        "INVVIZ_FAST": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
     client = NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT,

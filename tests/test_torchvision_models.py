@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from support import gradient_support
 from torch import nn
 
 from invviz.representations.torchvision_models import (
@@ -21,18 +22,9 @@ from invviz.representations.torchvision_models import (
     generic_torchvision_class,
     load_state_dict_file,
 )
-from support import gradient_support
 
-ALEXNET_LAYERS = (
-    "conv1 relu1 pool1 conv2 relu2 pool2 conv3 relu3 conv4 relu4 conv5 relu5 pool5 "
-    "fc6 relu6 fc7 relu7 fc8"
-).split()
-VGG16_LAYERS = (
-    "conv1_1 relu1_1 conv1_2 relu1_2 pool1 conv2_1 relu2_1 conv2_2 relu2_2 pool2 "
-    "conv3_1 relu3_1 conv3_2 relu3_2 conv3_3 relu3_3 pool3 "
-    "conv4_1 relu4_1 conv4_2 relu4_2 conv4_3 relu4_3 pool4 "
-    "conv5_1 relu5_1 conv5_2 relu5_2 conv5_3 relu5_3 pool5 fc6 relu6 fc7 relu7 fc8"
-).split()
+ALEXNET_LAYERS = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "conv4", "relu4", "conv5", "relu5", "pool5", "fc6", "relu6", "fc7", "relu7", "fc8"]
+VGG16_LAYERS = ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1", "conv2_1", "relu2_1", "conv2_2", "relu2_2", "pool2", "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "pool3", "conv4_1", "relu4_1", "conv4_2", "relu4_2", "conv4_3", "relu4_3", "pool4", "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "pool5", "fc6", "relu6", "fc7", "relu7", "fc8"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Objectives and the optimization loop (no widget or display code here)."""
 
 from ._device import resolve_device
-from .invert import DivergenceError, InversionResult, Settings, Step, default_objective, invert, random_start
+from .loop import DivergenceError, InversionResult, Settings, Step, default_objective, invert, random_start
 from .objectives import Context, Objective, alpha_norm, feature_error_squared, match, tv
 
 __all__ = [

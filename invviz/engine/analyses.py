@@ -8,15 +8,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..representations import Box, Representation
 from ._device import resolve_device
-from .invert import DivergenceError, InversionResult, Settings, Step, StopSignal, invert, random_start
+from .loop import DivergenceError, InversionResult, Settings, Step, StopSignal, invert, random_start
 from .objectives import check_mask
 
 #: Channel groups ``parse_channels`` knows, as the paper's "neural streams" figure splits them.

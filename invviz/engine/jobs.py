@@ -12,8 +12,9 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Self
+from typing import Literal, Protocol, Self
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from torch import Tensor
 from ..images import png_bytes
 from ..representations import Representation
 from ._device import resolve_device
-from .invert import DivergenceError, InversionResult, Settings, Step, invert
+from .loop import DivergenceError, InversionResult, Settings, Step, invert
 from .objectives import Objective
 
 JobState = Literal["pending", "running", "done", "cancelled", "failed"]

@@ -11,8 +11,8 @@ over pixels, so a weight of 1 means the same thing at every image size.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class Objective:
 
     terms: tuple[tuple[str, float, TermFunction], ...] = field(default=())
 
-    def __add__(self, other: "Objective") -> "Objective":
+    def __add__(self, other: Objective) -> Objective:
         if not isinstance(other, Objective):
             return NotImplemented
         names = [name for name, _, _ in self.terms] + [name for name, _, _ in other.terms]
@@ -59,12 +59,12 @@ class Objective:
             raise ValueError(f"objective terms must have distinct names, got {names}")
         return Objective(self.terms + other.terms)
 
-    def __mul__(self, weight: float) -> "Objective":
+    def __mul__(self, weight: float) -> Objective:
         return Objective(tuple((name, w * float(weight), fn) for name, w, fn in self.terms))
 
     __rmul__ = __mul__
 
-    def named(self, name: str) -> "Objective":
+    def named(self, name: str) -> Objective:
         """The same single-term objective under another name (to combine two of a kind)."""
         if len(self.terms) != 1:
             raise ValueError("only a single-term objective can be renamed")

@@ -7,7 +7,8 @@ weights="random")`` or ``representation("hog", cell_size=8)``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ._base import Representation
 from ._geometry import Box, Window

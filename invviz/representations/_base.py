@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -77,6 +78,13 @@ class Representation(nn.Module):
         if stride <= 2:
             return 0.003
         return 0.01 if stride <= 8 else 0.03
+
+    def default_adam_lr(self) -> float | None:
+        """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
+
+        Used by ``Settings.resolved`` when no ``lr`` is given and the optimizer is Adam.
+        """
+        return None
 
     def code_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of the code (without batch) for an input of ``height × width`` pixels."""

@@ -10,8 +10,9 @@ the actual spatial size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 Padding = int | Literal["same"]
 
@@ -68,7 +69,7 @@ class Box:
     bottom: int
     right: int
 
-    def clip(self, height: int, width: int) -> "Box":
+    def clip(self, height: int, width: int) -> Box:
         return Box(max(self.top, 0), max(self.left, 0), min(self.bottom, height), min(self.right, width))
 
     @property

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from . import register_representation
-from ._base import Representation
 from ._geometry import Window
-from ._shallow import check_positive_int, gray_255, safe_sqrt
+from ._shallow import ShallowRepresentation, check_positive_int, gray_255, safe_sqrt
 
 __all__ = ["DenseSIFT"]
 
@@ -93,17 +91,13 @@ def _normalize(descriptors: Tensor) -> Tensor:
 
 
 @register_representation("dsift")
-class DenseSIFT(Representation):
+class DenseSIFT(ShallowRepresentation):
     """Dense SIFT: ``(B, 3, H, W)`` in [0, 1] -> ``(B, 128, R, C)``, one descriptor per frame.
 
     ``R = (H - 1 - 3 * bin_size) // step + 1`` frames along y (likewise ``C``); frame ``(r, c)``
     has its top-left bin centre at pixel ``(r * step, c * step)``. Channel
     ``32 * bin_y + 8 * bin_x + orientation`` (VLFeat's order), orientation ``k * 45°``.
     """
-
-    layers: ClassVar[tuple[str, ...]] = ("features",)
-    native_size: ClassVar[int | None] = None
-    grayscale: ClassVar[bool] = True
 
     def __init__(self, layer: str, bin_size: int = 5, step: int = 5) -> None:
         super().__init__(layer)

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register_representation
-from ._base import Representation
 from ._geometry import Box, Window
 from ._glyphs import ORIENTATIONS, render_hog
-from ._shallow import check_positive_int, gray_255, safe_sqrt
+from ._shallow import ShallowRepresentation, check_positive_int, gray_255, safe_sqrt
 
 __all__ = ["HOG", "HOGb", "render_hog"]
 
@@ -78,16 +77,13 @@ def _uoctti_normalize(histograms: Tensor) -> Tensor:
 
 
 @register_representation("hog")
-class HOG(Representation):
+class HOG(ShallowRepresentation):
     """HOG, VLFeat's UoCTTI variant: ``(B, 3, H, W)`` in [0, 1] -> ``(B, 31, R, C)``.
 
     ``R = (H + cell_size // 2) // cell_size`` (likewise ``C``). Channels: 18 contrast-sensitive
     orientations ``k*20°``, 9 contrast-insensitive ones, 4 texture energies (VLFeat's order).
     """
 
-    layers: ClassVar[tuple[str, ...]] = ("features",)
-    native_size: ClassVar[int | None] = None
-    grayscale: ClassVar[bool] = True
     #: split each gradient between its two nearest orientations (HOGb) instead of the nearest one.
     bilinear: ClassVar[bool] = False
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal, Protocol
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,16 @@ from torch import Tensor
 
 from ..representations import Representation
 from ._device import resolve_device
-from .objectives import MEAN_PIXEL, Context, Objective, alpha_norm, check_mask, feature_error_squared, match, tv
+from .objectives import (
+    MEAN_PIXEL,
+    Context,
+    Objective,
+    alpha_norm,
+    check_mask,
+    feature_error_squared,
+    match,
+    tv,
+)
 
 OptimizerName = Literal["adam", "paper"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "paper")
@@ -80,12 +90,12 @@ class Settings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
-    def resolved(self, rep: Representation) -> "Settings":
+    def resolved(self, rep: Representation) -> Settings:
         """These settings with every ``None`` replaced by the representation's default."""
         paper = self.optimizer == "paper"
         return replace(
             self,
-            lr=self.lr if self.lr is not None else (PAPER_LR if paper else ADAM_LR),
+            lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
         )
 
@@ -157,14 +167,36 @@ class DivergenceError(RuntimeError):
         self.last_good = last_good
 
 
-def default_objective(rep: Representation, target: Tensor, mask: Tensor | None, settings: Settings) -> Objective:
-    """``match + tv_weight · TV^β + alpha_weight · α-norm`` as the paper sets it up."""
+def default_objective(
+    rep: Representation, target: Tensor, mask: Tensor | None, settings: Settings, size: tuple[int, int]
+) -> Objective:
+    """``match + tv_weight · TV^β + alpha_weight · α-norm`` as the paper sets it up.
+
+    With a spatial mask the data term pulls only on the selected cells' receptive field, with
+    gradients as strong as a whole image's would be, while TV is averaged over the whole image;
+    the TV weight is scaled by image area / receptive-field area to keep the same balance.
+    """
     assert settings.tv_weight is not None
+    tv_weight = settings.tv_weight * _masked_area_ratio(rep, mask, target, size)
     return (
         match(rep, target, mask)
-        + settings.tv_weight * tv(settings.tv_beta)
+        + tv_weight * tv(settings.tv_beta)
         + settings.alpha_weight * alpha_norm(settings.alpha)
     )
+
+
+def _masked_area_ratio(rep: Representation, mask: Tensor | None, target: Tensor, size: tuple[int, int]) -> float:
+    """Image area over the receptive-field area of the mask's selected cells (1 without a mask)."""
+    if mask is None or target.dim() != 4 or not rep.is_spatial:
+        return 1.0
+    height, width = size
+    cells = mask.expand(torch.broadcast_shapes(mask.shape, target.shape)).flatten(0, 1).any(0)
+    rows = torch.nonzero(cells.any(1)).flatten()
+    cols = torch.nonzero(cells.any(0)).flatten()
+    box = rep.receptive_field(
+        (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1), height, width
+    )
+    return height * width / max(box.height * box.width, 1)
 
 
 def random_start(batch: int, channels: int, height: int, width: int, seed: int) -> Tensor:
@@ -276,7 +308,7 @@ def invert(
         mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
         mask = mask.to(dev, torch.bool)
     settings = settings.resolved(rep)
-    objective = objective or default_objective(rep, target, mask, settings)
+    objective = objective or default_objective(rep, target, mask, settings, (height, width))
 
     channels = 1 if rep.grayscale else 3
     start = init if init is not None else random_start(batch, channels, height, width, settings.seed)
