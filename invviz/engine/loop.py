@@ -103,7 +103,9 @@ class Settings:
 ADAM_LR = 0.05
 #: Standard deviation of the start images' noise around the mean pixel.
 START_NOISE = 0.05
-PAPER_LR = 0.5
+#: Base rate of the CVPR schedule for [0, 1] pixels and the normalized loss (the CVPR code's 0.004
+#: is for 0–255 pixels and un-normalized priors). Picked from 0.5–500 on Lite0 blocks.4/12 at 112².
+PAPER_LR = 50.0
 #: CVPR schedule: fractions of the run and the learning-rate multiplier of each (100/200/100 of 400).
 PAPER_SCHEDULE = ((0.25, 1.0), (0.5, 0.1), (0.25, 0.01))
 #: The final fraction of steps run without jitter, so the result is aligned with the target.
