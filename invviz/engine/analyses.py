@@ -41,8 +41,7 @@ def restarts(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"number of restarts must be a positive integer, got {k!r}")
-    if mask is not None:
-        mask = check_mask(mask, rep.code_shape(*_image_size(image)))
+    # invert validates the mask against the code.
     return invert(rep, image, mask=mask, settings=settings, batch=k, device=device, on_step=on_step, stop=stop)
 
 

@@ -74,21 +74,24 @@ class Settings:
             if value < 0 or (positive and value == 0):
                 raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value}")
 
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
-            raise ValueError(f"iters must be a positive integer, got {self.iters!r}")
+        def integer(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+                maximum is not None and value > maximum
+            ):
+                bound = f"from {minimum} to {maximum}" if maximum is not None else f"≥ {minimum}"
+                raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if isinstance(self.pyramid_levels, bool) or not isinstance(self.pyramid_levels, int) or not 1 <= self.pyramid_levels <= 8:
-            raise ValueError(f"pyramid_levels must be an integer from 1 to 8, got {self.pyramid_levels!r}")
+        integer("iters", self.iters, 1)
+        integer("pyramid_levels", self.pyramid_levels, 1, 8)
+        integer("jitter", self.jitter, 0)
+        integer("seed", self.seed, 0)
         finite("lr", self.lr, positive=True)
         finite("tv_weight", self.tv_weight)
         finite("tv_beta", self.tv_beta, positive=True)
         finite("alpha_weight", self.alpha_weight)
         finite("alpha", self.alpha, positive=True)
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
-            raise ValueError(f"jitter must be a non-negative integer, got {self.jitter!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     def resolved(self, rep: Representation) -> Settings:
         """These settings with every ``None`` replaced by the representation's default."""
@@ -302,10 +305,11 @@ def invert(
     else:
         height, width = size
     target = target.to(dev, torch.float32)
-    if target.dim() == len(rep.code_shape(height, width)):
+    # A code is (C, H', W') or (D,): add the batch dimension if the target lacks it.
+    if target.dim() == (3 if rep.is_spatial else 1):
         target = target[None]
+    code_shape = tuple(target.shape[1:])
     if mask is not None:
-        code_shape = rep.code_shape(height, width)
         # (C, H, W) or (H, W) masks are the user's; (B, C, H, W) ones come from batched analyses.
         mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
         mask = mask.to(dev, torch.bool)
