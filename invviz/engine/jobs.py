@@ -22,6 +22,7 @@ from torch import Tensor
 from ..images import png_bytes
 from ..representations import Representation
 from ._device import resolve_device
+from ._threads import keep_freed_memory, release_idle_pool
 from .loop import DivergenceError, InversionResult, Settings, Step, invert
 from .objectives import Objective
 
@@ -216,6 +217,8 @@ def _work(jobs: queue.SimpleQueue[Job | None], max_rate: float) -> None:
     # Holds no reference to the engine, so an engine that is dropped gets collected and stops this.
     while (job := jobs.get()) is not None:
         job._run(max_rate)
+        if jobs.empty():
+            release_idle_pool()  # so torch in other threads runs at full speed between jobs
 
 
 class InversionEngine:
@@ -282,6 +285,7 @@ class InversionEngine:
         it raises fails the job.
         """
         job = Job(fn, on_snapshot)
+        release_idle_pool()  # this thread's idle OpenMP threads would halve the worker's speed
         with self._lock:
             if self._closed:
                 raise RuntimeError("this InversionEngine is closed; create a new one")
@@ -291,6 +295,7 @@ class InversionEngine:
                     active.cancel()
             self._active.append(job)
             if self._thread is None:
+                keep_freed_memory()
                 self._thread = threading.Thread(
                     target=_work, args=(self._jobs, self.max_rate), name="invviz-engine", daemon=True
                 )

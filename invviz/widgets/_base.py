@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import traitlets
 
+from ..engine import release_idle_pool
 from ..engine.jobs import InversionEngine, Job, Reporter, Snapshot, TaskResult
 from ..images import SAMPLES, load_image, png_bytes, sample_image
 from ..representations import Representation, available_models, model_layers, representation
@@ -96,7 +97,9 @@ def code_array(rep: Representation, image: torch.Tensor) -> np.ndarray:
     """The code of ``image`` ``(3, H, W)`` as a numpy array ``(C, H', W')`` (or ``(D,)``), for display."""
     device = next((p.device for p in rep.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        return rep(image.to(device)[None])[0].float().cpu().numpy()
+        code = rep(image.to(device)[None])[0].float().cpu().numpy()
+    release_idle_pool()  # the engine's worker may be computing: leave it the cores
+    return code
 
 
 class InversionWidget(widgets.VBox, Generic[Result]):
