@@ -1,8 +1,9 @@
-"""The explorer notebook in a real browser: JupyterLab on localhost, driven by Playwright through Chromium.
+"""The explorer notebook in a real browser: JupyterLab 4 and Notebook 7 on localhost, driven by
+Playwright through Chromium.
 
 Runs all cells from the menu, waits for the live reconstruction, clicks a cell of the neuron picker
-and checks that the reconstruction changes and the receptive-field crops appear. The screenshot is
-kept in ``artifacts/browser-explorer.png``.
+and checks that the reconstruction changes and the receptive-field crops appear. The screenshots
+are kept in ``artifacts/browser-explorer-lab.png`` and ``artifacts/browser-explorer-notebook.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,18 +37,36 @@ CHROMIUM_FLAGS = [
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")
 
 
+@dataclass(frozen=True)
+class Frontend:
+    """How to start one Jupyter front end and find its way around the explorer notebook."""
+
+    name: str
+    command: str  # ``jupyter <command>``
+    path: str  # of the notebook, after the server's URL
+    idle: str  # text on the page once the kernel is connected and idle
+
+
+FRONTENDS = [
+    Frontend("lab", "lab", "/lab/tree/notebooks/00_explorer.ipynb", "Python 3 (ipykernel) | Idle"),
+    Frontend("notebook", "notebook", "/notebooks/notebooks/00_explorer.ipynb", "Kernel status: Idle"),
+]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture
-def jupyter_lab(tmp_path: Path) -> Iterator[str]:
-    """JupyterLab serving a copy of the notebooks (no token, no password); yields its URL.
+@pytest.fixture(params=FRONTENDS, ids=lambda frontend: frontend.name)
+def jupyter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Frontend, str]]:
+    """JupyterLab or Notebook 7 serving a copy of the notebooks (no token, no password); yields
+    the front end and the server's URL.
 
-    A copy, so that JupyterLab's autosave can never write outputs into the repository's notebook.
+    A copy, so that autosave can never write outputs into the repository's notebook.
     """
+    frontend: Frontend = request.param
     port = free_port()
     served = tmp_path / "served"
     shutil.copytree(ROOT / "notebooks", served / "notebooks")
@@ -57,7 +77,7 @@ def jupyter_lab(tmp_path: Path) -> Iterator[str]:
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
     }
     command = [
-        sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.token=",
+        sys.executable, "-m", "jupyter", frontend.command, "--no-browser", f"--port={port}", "--ServerApp.token=",
         "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", "--allow-root", f"--ServerApp.root_dir={served}",
         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
     ]  # fmt: skip
@@ -74,10 +94,10 @@ def jupyter_lab(tmp_path: Path) -> Iterator[str]:
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"JupyterLab did not start:\n{(tmp_path / 'jupyter.log').read_text()}"
+                        f"jupyter {frontend.command} did not start:\n{(tmp_path / 'jupyter.log').read_text()}"
                     ) from None
                 time.sleep(0.5)
-        yield url
+        yield frontend, url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -102,9 +122,10 @@ PIXELS = """() => {
 STATUS = """() => document.querySelector(".invviz-status")?.textContent ?? "" """
 
 
-def test_explorer_notebook_in_chromium(jupyter_lab: str) -> None:
+def test_explorer_notebook_in_chromium(jupyter: tuple[Frontend, str]) -> None:
     from playwright.sync_api import sync_playwright
 
+    frontend, url = jupyter
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -112,10 +133,10 @@ def test_explorer_notebook_in_chromium(jupyter_lab: str) -> None:
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
-            page.goto(f"{jupyter_lab}/lab/tree/notebooks/00_explorer.ipynb")
+            page.goto(f"{url}{frontend.path}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
             # Running before the kernel is connected opens a "Select Kernel" dialog.
-            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+            page.get_by_text(frontend.idle).first.wait_for(state="attached", timeout=60_000)
             news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast
             if news.is_visible():
                 news.click()
@@ -143,5 +164,5 @@ def test_explorer_notebook_in_chromium(jupyter_lab: str) -> None:
             assert page.evaluate(PIXELS) != before
             assert not page.locator(".invviz-error").is_visible()
         finally:
-            page.screenshot(path=str(ARTIFACTS / "browser-explorer.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"browser-explorer-{frontend.name}.png"), full_page=True)
             browser.close()
