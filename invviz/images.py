@@ -118,9 +118,13 @@ def save_image(image: Tensor, path: str | Path) -> None:
 
 
 def png_bytes(image: Tensor) -> bytes:
-    """``(3, H, W)`` in [0, 1] → PNG bytes (what widgets send to the browser)."""
+    """``(3, H, W)`` in [0, 1] → PNG bytes (what widgets send to the browser).
+
+    zlib level 1: a 224² photo encodes in 5 ms instead of Pillow's default 17 ms, 0.5 % larger;
+    live snapshots are encoded in the engine's thread, so this is time taken from the inversion.
+    """
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -75,6 +75,7 @@ def test_keep_freed_memory_stops_page_faults_in_a_worker_thread() -> None:
     kept, took = run(CHURN, "keep").split()
     if took != "True":
         pytest.skip("not glibc: mallopt unavailable")
-    # Page faults per forward+backward of a small conv net in a worker thread (measured 1,345 → 20).
-    assert float(default) > 300  # the activations are mapped afresh and their pages fault in again
-    assert float(kept) < float(default) / 10
+    # Page faults per forward+backward of a small conv net in a worker thread: 262 or 1,345 by
+    # default (glibc's thresholds adapt to the first blocks freed), 20 kept.
+    assert float(default) > 100  # the activations are mapped afresh and their pages fault in again
+    assert float(kept) < float(default) / 5
