@@ -22,6 +22,7 @@ from invviz import Settings, invert, representation, roughness, sample_image
 from invviz.demo import DEMO_LAYERS
 from invviz.engine import Context, match, tv
 from invviz.images import SAMPLES
+from invviz.representations._base import DEFAULT_ITERS
 
 ALL_LAYERS = ("stem", *(f"blocks.{i}" for i in range(16)), "head")
 
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every layer stem…head and all four photos")
     parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
     parser.add_argument("--images", help=f"comma-separated bundled photos (default: chelsea,coffee; all: {','.join(SAMPLES)})")
-    parser.add_argument("--iters", type=int, default=Settings.iters)
+    parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -30,6 +30,8 @@ from .engine.analyses import (
 from .engine.loop import OPTIMIZERS
 from .images import image_grid, load_image, save_image
 from .representations import Representation, available_models, model_layers, model_options, representation
+from .representations._base import DEFAULT_ITERS
+from .representations.hog import HOG_ITERS
 
 
 class UsageError(Exception):
@@ -93,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv = commands.add_parser("invert", help="reconstruct an image from its code at a layer")
     _add_rep_options(inv)
     inv.add_argument("--metrics", type=Path, help="write JSON metrics here")
-    inv.add_argument("--iters", type=positive_int, default=Settings.iters, help=f"optimization steps (default {Settings.iters})")
+    inv.add_argument(
+        "--iters", type=positive_int, help=f"optimization steps (default {DEFAULT_ITERS}; {HOG_ITERS} for hog and hogb)"
+    )
     inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start image (default 0)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
     inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta, help=f"TV exponent β (default {Settings.tv_beta:g}; 1 gives spikes)")
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="reconstruct a sample photo at six depths of the bundled model")
     demo.add_argument("--out", type=Path, default=Path("invviz-demo"), help="output folder")
-    demo.add_argument("--iters", type=positive_int, default=Settings.iters)
+    demo.add_argument("--iters", type=positive_int, default=DEFAULT_ITERS)
     demo.add_argument("--image", help="an image file instead of the bundled sample")
     demo.add_argument("--device", default="auto")
     return parser

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from .engine import InversionResult, Settings, invert
 from .images import load_image, roughness, sample_path, save_image, to_uint8
 from .representations import representation
+from .representations._base import DEFAULT_ITERS
 
 MODEL = "efficientnet_lite0"
 #: Six depths of EfficientNet-Lite0, from edges to object parts.
@@ -22,7 +23,7 @@ DEMO_LAYERS = ("stem", "blocks.1", "blocks.4", "blocks.8", "blocks.12", "blocks.
 def run_demo(
     out: Path,
     *,
-    iters: int = Settings.iters,
+    iters: int = DEFAULT_ITERS,
     image: str | None = None,
     device: str = "auto",
     layers: tuple[str, ...] = DEMO_LAYERS,

@@ -116,6 +116,13 @@ def test_shallow_defaults_differ_from_cnn_defaults() -> None:
     assert Settings(optimizer="paper").resolved(rep).lr != rep.default_adam_lr()
 
 
+def test_default_iterations_per_representation() -> None:
+    """HOG and HOGb take 400 steps by default, dense SIFT and CNN layers 200; an explicit count wins."""
+    counts = {spec: Settings().resolved(representation(spec)).iters for spec in ("hog", "hogb", "dsift", "tiny:conv2")}
+    assert counts == {"hog": 400, "hogb": 400, "dsift": 200, "tiny:conv2": 200}
+    assert Settings(iters=7).resolved(representation("hog")).iters == 7
+
+
 BAD_INPUTS = {
     "image smaller than a HOG cell": (["--rep", "hog", "--cell-size", "16"], (12, 40), "at least 16x16"),
     "image smaller than a SIFT window": (["--rep", "dsift", "--bin-size", "6"], (15, 40), "one SIFT window"),

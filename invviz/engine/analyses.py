@@ -171,7 +171,9 @@ def channel_gallery(
     feature_error)`` runs as each tile finishes; ``on_step(step, tiles)`` after every step, with
     the chunk's images and their indices (``step`` counts over the whole gallery).
     """
-    settings = settings or Settings()
+    settings = (settings or Settings()).resolved(rep)
+    assert settings.iters is not None
+    iters = settings.iters
     dev = resolve_device(device)
     height, width = _image_size(image)
     rep = rep.to(dev)
@@ -200,17 +202,16 @@ def channel_gallery(
     errors = [math.nan] * count
     began = time.perf_counter()
     chunks = [list(range(first, min(first + chunk, count))) for first in range(0, count, chunk)]
-    resolved = settings  # replaced by the resolved settings once a chunk has run
     stopped = False
     for number, tiles in enumerate(chunks):
         if stop is not None and stop.is_set():
             stopped = True
             break
-        offset = number * settings.iters
+        offset = number * iters
 
         def chunk_step(step: Step, tiles: list[int] = tiles, offset: int = offset) -> None:
             assert on_step is not None
-            total = len(chunks) * settings.iters
+            total = len(chunks) * iters
             on_step(Step(offset + step.step, total, step.terms, step.feature_error, step.images, step.seconds), tiles)
 
         try:
@@ -234,7 +235,6 @@ def channel_gallery(
             errors[index] = tile_error
             if on_tile is not None:
                 on_tile(index, images[index], tile_error)
-        resolved = result.settings
         if result.stopped:
             stopped = True
             break
@@ -243,7 +243,7 @@ def channel_gallery(
         channels=channels,
         feature_error=errors,
         seconds=time.perf_counter() - began,
-        settings=resolved,
+        settings=settings,
         stopped=stopped,
         spec=rep.spec,
     )

@@ -43,6 +43,8 @@ class StopSignal(Protocol):
 class Settings:
     """Everything that shapes one inversion. ``None`` means "the representation's default".
 
+    - ``iters``: optimization steps; ``None``: the representation's default (200 for CNN layers and
+      dense SIFT, 400 for HOG and HOGb, whose per-cell normalization converges more slowly).
     - ``optimizer``: ``"adam"`` (fast default) or ``"paper"`` (CVPR 2015's momentum SGD schedule).
     - ``tv_weight``: weight of the TV^β prior; ``None`` picks a per-layer default that grows with
       depth, as in the paper.
@@ -54,7 +56,7 @@ class Settings:
       as fine detail, which converges in fewer steps and to smoother images.
     """
 
-    iters: int = 200
+    iters: int | None = None
     optimizer: OptimizerName = "adam"
     lr: float | None = None
     tv_weight: float | None = None
@@ -83,7 +85,8 @@ class Settings:
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        integer("iters", self.iters, 1)
+        if self.iters is not None:
+            integer("iters", self.iters, 1)
         integer("pyramid_levels", self.pyramid_levels, 1, 8)
         integer("jitter", self.jitter, 0)
         integer("seed", self.seed, 0)
@@ -98,6 +101,7 @@ class Settings:
         paper = self.optimizer == "paper"
         return replace(
             self,
+            iters=self.iters if self.iters is not None else rep.default_iters(),
             lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
         )
@@ -250,7 +254,7 @@ class _Pyramid:
 
 
 def _learning_rate(settings: Settings, step: int) -> float:
-    assert settings.lr is not None
+    assert settings.lr is not None and settings.iters is not None
     progress = step / settings.iters
     if settings.optimizer == "paper":
         edge = 0.0
@@ -314,6 +318,7 @@ def invert(
         mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
         mask = mask.to(dev, torch.bool)
     settings = settings.resolved(rep)
+    assert settings.iters is not None
     objective = objective or default_objective(rep, target, mask, settings, (height, width))
 
     channels = 1 if rep.grayscale else 3

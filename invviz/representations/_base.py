@@ -10,6 +10,8 @@ from torch import nn
 
 from ._geometry import Box, Window, axis_geometry, window_box
 
+#: Steps of an inversion when neither the settings nor the representation ask for another count.
+DEFAULT_ITERS = 200
 
 class Representation(nn.Module):
     """An image representation Φ: images ``(B, 3, H, W)`` with values in [0, 1] to a code.
@@ -78,6 +80,13 @@ class Representation(nn.Module):
         if stride <= 2:
             return 0.003
         return 0.01 if stride <= 8 else 0.03
+
+    def default_iters(self) -> int:
+        """Optimization steps that reach a good reconstruction of this representation.
+
+        Used by ``Settings.resolved`` when no ``iters`` is given.
+        """
+        return DEFAULT_ITERS
 
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
