@@ -74,9 +74,11 @@ def test_runs_and_publishes_first_and_final_snapshots(engine: InversionEngine, i
     assert seen[-1].png().startswith(b"\x89PNG")
 
 
-def test_snapshots_are_throttled(image: Tensor) -> None:
-    """A task stepping every 2 ms for ~0.6 s publishes at most ``max_rate`` snapshots a second."""
-    max_rate = 20.0
+@pytest.mark.parametrize("per_job", [False, True], ids=["engine rate", "job rate"])
+def test_snapshots_are_throttled(image: Tensor, per_job: bool) -> None:
+    """A task stepping every 2 ms for ~0.6 s publishes at most ``max_rate`` snapshots a second,
+    the engine's or (when given) the job's own."""
+    max_rate = 8.0 if per_job else 20.0
     times: list[tuple[float, Snapshot]] = []
     images = image[None]
 
@@ -86,8 +88,10 @@ def test_snapshots_are_throttled(image: Tensor) -> None:
             time.sleep(0.002)
         return InversionResult(images, [0.0], {}, Settings(), 0.0, 300)
 
-    with InversionEngine(device="cpu", max_rate=max_rate) as engine:
-        job = engine.submit_task(task, on_snapshot=lambda s: times.append((time.perf_counter(), s)))
+    with InversionEngine(device="cpu", max_rate=20.0 if per_job else max_rate) as engine:
+        job = engine.submit_task(
+            task, on_snapshot=lambda s: times.append((time.perf_counter(), s)), max_rate=max_rate if per_job else None
+        )
         job.wait(30)
     regular = [(t, s) for t, s in times if not s.final]
     assert regular[0][1].progress.step == 1
@@ -180,6 +184,8 @@ def test_exceptions_are_captured(engine: InversionEngine, image: Tensor, where: 
 def test_engine_arguments_and_closing(image: Tensor) -> None:
     with pytest.raises(ValueError, match="max_rate"):
         InversionEngine(device="cpu", max_rate=0)
+    with InversionEngine(device="cpu") as engine, pytest.raises(ValueError, match="max_rate"):
+        engine.submit_task(lambda reporter: None, max_rate=-1)  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="device"):
         InversionEngine(device="tpu")
     engine = InversionEngine(device="cpu")

@@ -129,8 +129,9 @@ SnapshotCallback = Callable[[Snapshot], None]
 class Job:
     """A handle on one submitted inversion. Read it from any thread; it is updated by the worker."""
 
-    def __init__(self, task: Task, on_snapshot: SnapshotCallback | None) -> None:
+    def __init__(self, task: Task, on_snapshot: SnapshotCallback | None, max_rate: float | None = None) -> None:
         self.state: JobState = "pending"
+        self.max_rate = max_rate
         self.progress: Progress | None = None
         self.latest: Snapshot | None = None
         self.snapshots: queue.Queue[Snapshot] = queue.Queue(maxsize=SNAPSHOT_QUEUE_SIZE)
@@ -192,7 +193,7 @@ class Job:
                 return
             self.state = "running"
             task = self._task
-        reporter = Reporter(self, max_rate)
+        reporter = Reporter(self, self.max_rate or max_rate)
         state: JobState = "failed"
         try:
             result = self.result = task(reporter)
@@ -221,6 +222,11 @@ def _work(jobs: queue.SimpleQueue[Job | None], max_rate: float) -> None:
             release_idle_pool()  # so torch in other threads runs at full speed between jobs
 
 
+def _check_rate(max_rate: float) -> None:
+    if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not max_rate > 0 or not math.isfinite(max_rate):
+        raise ValueError(f"max_rate must be a positive number of snapshots per second, got {max_rate!r}")
+
+
 class InversionEngine:
     """Runs inversions one at a time in one background (daemon) worker thread, started lazily.
 
@@ -230,8 +236,7 @@ class InversionEngine:
     """
 
     def __init__(self, device: str | torch.device = "auto", max_rate: float = 10.0) -> None:
-        if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not max_rate > 0 or not math.isfinite(max_rate):
-            raise ValueError(f"max_rate must be a positive number of snapshots per second, got {max_rate!r}")
+        _check_rate(max_rate)
         self.device = resolve_device(device)
         self.max_rate = float(max_rate)
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -255,6 +260,7 @@ class InversionEngine:
         objective: Objective | None = None,
         supersede: bool = True,
         on_snapshot: SnapshotCallback | None = None,
+        max_rate: float | None = None,
     ) -> Job:
         """Start ``invert(rep, image, ...)`` in the worker (same keywords); see ``submit_task``."""
         device = self.device
@@ -275,16 +281,25 @@ class InversionEngine:
                 stop=reporter.stop,
             )
 
-        return self.submit_task(task, supersede=supersede, on_snapshot=on_snapshot)
+        return self.submit_task(task, supersede=supersede, on_snapshot=on_snapshot, max_rate=max_rate)
 
-    def submit_task(self, fn: Task, *, supersede: bool = True, on_snapshot: SnapshotCallback | None = None) -> Job:
+    def submit_task(
+        self,
+        fn: Task,
+        *,
+        supersede: bool = True,
+        on_snapshot: SnapshotCallback | None = None,
+        max_rate: float | None = None,
+    ) -> Job:
         """Run ``fn(reporter)`` in the worker; it returns a result with ``images`` ``(N, 3, H, W)``.
 
         ``supersede=True`` cancels every running and pending job first (the latest request wins).
         ``on_snapshot`` is called in the worker thread: it must not touch torch, and an exception
-        it raises fails the job.
+        it raises fails the job. ``max_rate`` overrides the engine's snapshots per second for this job.
         """
-        job = Job(fn, on_snapshot)
+        if max_rate is not None:
+            _check_rate(max_rate)
+        job = Job(fn, on_snapshot, max_rate)
         release_idle_pool()  # this thread's idle OpenMP threads would halve the worker's speed
         with self._lock:
             if self._closed:

@@ -123,6 +123,8 @@ class InversionWidget(widgets.VBox, Generic[Result]):
     original = traitlets.Bytes(b"", help="PNG of the image being inverted")
 
     rerun_on: tuple[str, ...] = ("image_name", "model", "layer", "iters")
+    #: snapshots per second of this widget's jobs (``None``: the engine's rate).
+    snapshot_rate: float | None = None
 
     def __init__(
         self,
@@ -379,7 +381,7 @@ class InversionWidget(widgets.VBox, Generic[Result]):
                         self._reporting(self._finish)(outcome[0])
                     self.running = False
 
-            self.job = self.engine.submit_task(task, on_snapshot=on_snapshot)
+            self.job = self.engine.submit_task(task, on_snapshot=on_snapshot, max_rate=self.snapshot_rate)
 
 
 def control_style() -> dict[str, Any]:

@@ -36,6 +36,9 @@ class ChannelGallery(InversionWidget[GalleryResult]):
     activation = traitlets.Bytes(b"", help="PNG: the selected channel's activation over the image")
 
     rerun_on = (*InversionWidget.rerun_on, "channels")
+    #: Each snapshot re-encodes the running tile and re-sends the grid, in the engine's thread:
+    #: four a second keep the tiles live at a third of the default rate's cost.
+    snapshot_rate = 4.0
 
     def __init__(
         self,
