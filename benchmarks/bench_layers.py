@@ -8,6 +8,7 @@ A second table compares one engine iteration with a bare forward+backward of the
     python benchmarks/bench_layers.py                 # the demo's six layers, two photos
     python benchmarks/bench_layers.py --all           # every layer from stem to head, four photos
     python benchmarks/bench_layers.py --device cuda
+    python benchmarks/bench_layers.py --images held-out   # scikit-image photos the defaults were not tuned on
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import statistics
 import time
 
 import torch
+from photos import HELD_OUT, SKIMAGE_PHOTOS, photo
 
-from invviz import Settings, invert, representation, roughness, sample_image
+from invviz import Settings, invert, representation, roughness
 from invviz.demo import DEMO_LAYERS
 from invviz.engine import Context, match, tv
 from invviz.images import SAMPLES
@@ -58,7 +60,7 @@ def naive(rep, image: torch.Tensor, iters: int, device: str) -> torch.Tensor:  #
 def per_iteration_cost(layer: str, device: str, repeats: int = 20) -> tuple[float, float]:
     """Seconds per step: a bare forward+backward of the truncated net vs one engine step."""
     rep = representation("efficientnet_lite0", layer=layer).to(device)
-    image = sample_image("chelsea")
+    image = photo("chelsea", 224)
     x = image[None].to(device).requires_grad_(True)
 
     def sync() -> None:
@@ -86,14 +88,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every layer stem…head and all four photos")
     parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
-    parser.add_argument("--images", help=f"comma-separated bundled photos (default: chelsea,coffee; all: {','.join(SAMPLES)})")
+    parser.add_argument(
+        "--images",
+        help=f"comma-separated photos, or 'held-out' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS)})",
+    )
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     layers = ALL_LAYERS if args.all else tuple(args.layers.split(",")) if args.layers else DEMO_LAYERS
-    names = SAMPLES if args.all else tuple(args.images.split(",")) if args.images else ("chelsea", "coffee")
-    photos = {name: sample_image(name) for name in names}
+    if args.images == "held-out":
+        names = HELD_OUT
+    else:
+        names = SAMPLES if args.all else tuple(args.images.split(",")) if args.images else ("chelsea", "coffee")
+    photos = {name: photo(name, 224) for name in names}
 
     print(f"EfficientNet-Lite0, 224², {args.iters} iterations, photos: {', '.join(names)}, device {args.device}")
     print("error = ‖Φ(png) − Φ0‖/‖Φ0‖ (mean / max over photos); roughness = recon/original (mean / max)")
@@ -105,17 +113,17 @@ def main() -> None:
     for layer in layers:
         rep = representation("efficientnet_lite0", layer=layer).to(args.device)
         errors, rough, seconds, naive_errors, naive_rough = [], [], [], [], []
-        for photo in photos.values():
+        for original in photos.values():
             with torch.no_grad():
-                target = rep(photo[None].to(args.device))
-            result = invert(rep, photo, settings=Settings(iters=args.iters), device=args.device)
+                target = rep(original[None].to(args.device))
+            result = invert(rep, original, settings=Settings(iters=args.iters), device=args.device)
             seconds.append(result.seconds)
             errors.append(relative_error(rep, result.image, target))
-            rough.append(roughness(quantized(result.image)) / roughness(photo))
+            rough.append(roughness(quantized(result.image)) / roughness(original))
             if not args.no_baseline:
-                baseline = naive(rep, photo, args.iters, args.device)
+                baseline = naive(rep, original, args.iters, args.device)
                 naive_errors.append(relative_error(rep, baseline, target))
-                naive_rough.append(roughness(quantized(baseline)) / roughness(photo))
+                naive_rough.append(roughness(quantized(baseline)) / roughness(original))
         row = (
             f"| {layer:<9} | {args.iters:>5} | {statistics.mean(seconds):>11.1f} | "
             f"{statistics.mean(errors):>6.3f}/{max(errors):.3f} | {statistics.mean(rough):>5.2f}/{max(rough):.2f} |"

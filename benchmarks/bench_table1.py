@@ -27,17 +27,14 @@ import torch
 
 # The one VLFeat ctypes wrapper lives with the tests, which use it as their oracle.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from photos import SKIMAGE_PHOTOS, photo
 from vlfeat import LIBVL, gray_255, vl_dsift, vl_hog
 
 from invviz import Settings, invert, representation
-from invviz.images import load_image, to_uint8
+from invviz.images import to_uint8
 from invviz.representations import Representation
 
-#: scikit-image's photos that ship in its wheel (the others download, which fails offline).
-PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket",
-    "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
-)
+PHOTOS = SKIMAGE_PHOTOS
 SIZE = 256
 SPECS = ("hog", "hogb", "dsift")
 #: Table 1 of the CVPR paper as commonly quoted (% error, mean ± std over 100 ILSVRC images).
@@ -53,18 +50,6 @@ class Outcome:
     seconds: float
 
 
-def photo(name: str) -> torch.Tensor:
-    """A scikit-image photo as ``(3, SIZE, SIZE)`` in [0, 1] (8-bit values)."""
-    from skimage import data
-
-    pixels = getattr(data, name)()
-    if isinstance(pixels, tuple):  # stereo_motorcycle: (left, right, disparity)
-        pixels = pixels[0]
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    return load_image(np.ascontiguousarray(pixels[..., :3], dtype=np.uint8), SIZE)
-
-
 def vlfeat_code(rep: Representation, image: torch.Tensor) -> np.ndarray:
     """VLFeat's own code of ``(3, H, W)`` in [0, 1], with the representation's parameters."""
     gray = gray_255(image.numpy())
@@ -76,7 +61,7 @@ def vlfeat_code(rep: Representation, image: torch.Tensor) -> np.ndarray:
 def run(spec: str, names: list[str], iters: int | None) -> tuple[list[Outcome], float]:
     """Invert each photo; returns the outcomes and the mean squared pairwise code distance."""
     rep = representation(spec)
-    originals = {name: photo(name) for name in names}
+    originals = {name: photo(name, SIZE) for name in names}
     codes = {name: vlfeat_code(rep, image) for name, image in originals.items()}
     pairs = list(itertools.combinations(names, 2))
     spread = statistics.fmean(float(np.sum((codes[a] - codes[b]) ** 2)) for a, b in pairs) if pairs else float("nan")
