@@ -34,7 +34,6 @@ from invviz import Settings, invert, representation
 from invviz.images import to_uint8
 from invviz.representations import Representation
 
-PHOTOS = SKIMAGE_PHOTOS
 SIZE = 256
 SPECS = ("hog", "hogb", "dsift")
 #: Table 1 of the CVPR paper as commonly quoted (% error, mean ± std over 100 ILSVRC images).
@@ -88,13 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 photos and 50 iterations")
     parser.add_argument("--iters", type=int, help="iterations per inversion (default: each representation's, --quick 50)")
-    parser.add_argument("--photos", nargs="+", choices=PHOTOS, help="a subset of the photos")
+    parser.add_argument("--photos", nargs="+", choices=SKIMAGE_PHOTOS, help="a subset of the photos")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: timings comparable on a shared CPU)")
     args = parser.parse_args()
     if LIBVL is None:
         sys.exit("VLFeat's libvl.so not found (apt-get install libvlfeat1)")
     torch.set_num_threads(args.threads)
-    names = list(args.photos or (PHOTOS[:2] if args.quick else PHOTOS))
+    names = list(args.photos or (SKIMAGE_PHOTOS[:2] if args.quick else SKIMAGE_PHOTOS))
     iters = args.iters or (50 if args.quick else None)
     if len(names) < 2:
         parser.error("the paper's normalization needs at least 2 photos")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import run_cli
 
-from invviz.cli import main
 from invviz.images import sample_path
 
 
@@ -21,15 +21,9 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_invert_writes_png_of_the_requested_size_and_metrics(tmp_path, photo, capsys) -> None:
     out, metrics = tmp_path / "out.png", tmp_path / "m.json"
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys, "invert", photo, "--rep", "efficientnet_lite0:blocks.1", "--out", out, "--size", "48",
         "--iters", "15", "--metrics", metrics, "--quiet",
     )
@@ -48,7 +42,7 @@ def test_invert_is_reproducible_with_a_seed(tmp_path, photo, capsys) -> None:
     outputs = []
     for name in ("a.png", "b.png"):
         args = ["invert", photo, "--rep", "tiny:conv2", "--out", tmp_path / name, "--iters", "5", "--seed", "3", "--quiet"]
-        assert run(capsys, *args)[0] == 0
+        assert run_cli(capsys, *args)[0] == 0
         outputs.append(np.asarray(Image.open(tmp_path / name)))
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
@@ -59,7 +53,7 @@ def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
     pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     out = tmp_path / "f.npy"
-    assert run(capsys, "features", path, "--rep", "tiny:conv1", "--out", out)[0] == 0
+    assert run_cli(capsys, "features", path, "--rep", "tiny:conv1", "--out", out)[0] == 0
     from invviz import representation
 
     rep = representation("tiny:conv1")
@@ -69,17 +63,17 @@ def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
 
 def test_features_shapes(tmp_path, photo, capsys) -> None:
     out = tmp_path / "f.npy"
-    assert run(capsys, "features", photo, "--rep", "efficientnet_lite0:stem", "--out", out)[0] == 0
+    assert run_cli(capsys, "features", photo, "--rep", "efficientnet_lite0:stem", "--out", out)[0] == 0
     code = np.load(out)
     assert code.dtype == np.float32 and code.shape == (32, 112, 112)
-    assert run(capsys, "features", photo, "--rep", "efficientnet_lite0:pool", "--out", out, "--size", "64")[0] == 0
+    assert run_cli(capsys, "features", photo, "--rep", "efficientnet_lite0:pool", "--out", out, "--size", "64")[0] == 0
     assert np.load(out).shape == (1280,)
 
 
 def test_models_and_layers(capsys) -> None:
-    code, out, _ = run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "efficientnet_lite0" in out and "alexnet" in out and "hog" in out
-    code, out, _ = run(capsys, "layers", "efficientnet_lite0")
+    code, out, _ = run_cli(capsys, "layers", "efficientnet_lite0")
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "32×112×112" in lines["stem"] and "1280×7×7" in lines["head"] and "1000" in lines["logits"]
@@ -128,7 +122,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, photo, capsys) -> None:
     make, fragment = BAD_INPUTS[case]
-    code, _, stderr = run(capsys, *make(tmp_path, photo))
+    code, _, stderr = run_cli(capsys, *make(tmp_path, photo))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -150,12 +144,12 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
     for option in ("--tv-beta", "--alpha-weight", "--lr"):
-        code, _, err = run(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
+        code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 
 
 def test_demo_writes_a_captioned_grid_a_table_and_metrics(tmp_path, capsys) -> None:
-    code, stdout, stderr = run(capsys, "demo", "--out", tmp_path, "--iters", "3")
+    code, stdout, stderr = run_cli(capsys, "demo", "--out", tmp_path, "--iters", "3")
     assert code == 0
     record = json.loads((tmp_path / "metrics.json").read_text())
     layers = [row["layer"] for row in record["results"]]

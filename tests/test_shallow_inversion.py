@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import run_cli
 from vlfeat import gray_255, requires_vlfeat, vl_dsift, vl_hog
 
 from invviz import Settings, invert, representation
-from invviz.cli import main
 from invviz.images import load_image, sample_path, to_uint8
 
 #: (rep, CLI options, largest feature error after ITERS steps on the 70x90 photo). Measured with
@@ -35,12 +35,6 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _options(extra: list[str]) -> dict[str, int]:
     return {extra[i].lstrip("-").replace("-", "_"): int(extra[i + 1]) for i in range(0, len(extra), 2)}
 
@@ -49,7 +43,7 @@ def _options(extra: list[str]) -> dict[str, int]:
 @pytest.mark.parametrize("spec, extra, bound", CASES, ids=[case[0] for case in CASES])
 def test_cli_inverts_to_a_gray_png_of_the_input_size(spec, extra, bound, photo, tmp_path, capsys) -> None:
     out, metrics = tmp_path / "out.png", tmp_path / "m.json"
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys, "invert", photo, "--rep", spec, *extra, "--out", out, "--iters", ITERS, "--metrics", metrics, "--quiet"
     )
     assert code == 0 and "feature error" in stdout
@@ -80,7 +74,7 @@ def _vlfeat(rep: torch.nn.Module, image: torch.Tensor) -> np.ndarray:
 )
 def test_features_equal_vlfeat(spec, extra, channels, photo, tmp_path, capsys) -> None:
     out = tmp_path / "f.npy"
-    assert run(capsys, "features", photo, "--rep", spec, *extra, "--out", out)[0] == 0
+    assert run_cli(capsys, "features", photo, "--rep", spec, *extra, "--out", out)[0] == 0
     code = np.load(out)
     reference = _vlfeat(representation(spec, **_options(extra)), load_image(photo))
     assert code.shape == reference.shape and code.shape[0] == channels
@@ -139,7 +133,7 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path, capsys) -> None:
     Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(image)
     for command in ("invert", "features"):
         out = tmp_path / ("o.png" if command == "invert" else "o.npy")
-        code, _, stderr = run(capsys, command, image, *options, "--out", out, *(["--iters", "2"] * (command == "invert")))
+        code, _, stderr = run_cli(capsys, command, image, *options, "--out", out, *(["--iters", "2"] * (command == "invert")))
         assert code == 2
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("invviz: error:"), stderr
