@@ -2,6 +2,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from invviz import (
     DivergenceError,
@@ -14,7 +15,7 @@ from invviz import (
     sample_image,
     tv,
 )
-from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate
+from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate, _Upsample
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,19 @@ def test_tv_is_scaled_by_image_over_receptive_field_area_for_window_masks(photo)
     # Both start from the same seeded image, so the logged TV terms differ only by the weight.
     ratio = masked.history["tv"][0][0] / whole.history["tv"][0][0]
     assert ratio == pytest.approx(64 * 64 / (7 * 5), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (3, 4), (1, 2)])
+def test_pyramid_upsampling_gradcheck(size: tuple[int, int]) -> None:
+    height, width = size
+    coarse = torch.rand(2, 3, (height + 1) // 2, (width + 1) // 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: _Upsample.apply(c, height, width), (coarse,))
+
+
+def test_pyramid_upsampling_is_torchs_bilinear_with_a_faster_adjoint() -> None:
+    coarse = torch.rand(2, 3, 12, 10, requires_grad=True)
+    grad = torch.rand(2, 3, 24, 20)
+    mine = torch.autograd.grad(_Upsample.apply(coarse, 24, 20), coarse, grad)[0]
+    upsampled = F.interpolate(coarse, size=(24, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_Upsample.apply(coarse, 24, 20), upsampled)
+    torch.testing.assert_close(mine, torch.autograd.grad(upsampled, coarse, grad)[0])

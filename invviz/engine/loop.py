@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +216,47 @@ def random_start(batch: int, channels: int, height: int, width: int, seed: int) 
     return (noise + mean).clamp(0, 1)
 
 
+def _upsample_adjoint_axis(grad: Tensor, dim: int) -> Tensor:
+    """Adjoint of 2× bilinear upsampling (``align_corners=False``) along ``dim`` of even length.
+
+    Output ``2i`` is ``¾ c[i] + ¼ c[i−1]``, output ``2i+1`` is ``¾ c[i] + ¼ c[i+1]`` (indices clamped
+    at the borders), so ``c[i]`` collects ``¾`` of both its outputs and ``¼`` of each neighbour's.
+    """
+    cells = grad.shape[dim] // 2
+    shape = list(grad.shape)
+    shape[dim : dim + 1] = [cells, 2]
+    pairs = grad.reshape(shape)
+    even, odd = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
+    out = torch.add(even, odd).mul_(0.75)
+    if cells > 1:
+        out.narrow(dim, 0, cells - 1).add_(even.narrow(dim, 1, cells - 1), alpha=0.25)
+        out.narrow(dim, 1, cells - 1).add_(odd.narrow(dim, 0, cells - 1), alpha=0.25)
+    out.narrow(dim, 0, 1).add_(even.narrow(dim, 0, 1), alpha=0.25)
+    out.narrow(dim, cells - 1, 1).add_(odd.narrow(dim, cells - 1, 1), alpha=0.25)
+    return out
+
+
+class _Upsample(torch.autograd.Function):
+    """2× bilinear upsampling of ``(B, C, h, w)``, cropped to ``(H, W)`` (``H`` is ``2h`` or ``2h − 1``).
+
+    Torch's own backward of bilinear upsampling costs twice its forward on the CPU; the adjoint of
+    the fixed 2× stencil, written with strided slices, takes a third of that (the pyramid pays it
+    every step at full resolution).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coarse: Tensor, height: int, width: int) -> Tensor:
+        ctx.height, ctx.width = height, width
+        return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[..., :height, :width]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        rows, cols = 2 * math.ceil(ctx.height / 2), 2 * math.ceil(ctx.width / 2)
+        if (rows, cols) != (ctx.height, ctx.width):
+            grad = F.pad(grad, (0, cols - ctx.width, 0, rows - ctx.height))
+        return _upsample_adjoint_axis(_upsample_adjoint_axis(grad, 3), 2), None, None
+
+
 class _Pyramid:
     """An image ``(B, C, H, W)`` as a sum of ``levels`` resolutions, each half the size of the last.
 
@@ -235,7 +276,8 @@ class _Pyramid:
     def compose(self) -> Tensor:
         image = self.levels[-1]
         for level in reversed(self.levels[:-1]):
-            image = level + F.interpolate(image, size=level.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled: Tensor = _Upsample.apply(image, *level.shape[-2:])
+            image = level + upsampled
         return image
 
     def image(self) -> Tensor:
