@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
+    inv.add_argument("--rectifier-slope", type=non_negative_float, default=Settings.rectifier_slope,
+                     help=f"gradient let through to switched-off units of a code ending in ReLU6, 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient)")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
     inv.add_argument("--quiet", action="store_true", help="no progress bar")
     inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
@@ -195,6 +197,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         alpha=args.alpha,
         jitter=args.jitter,
         seed=args.seed,
+        rectifier_slope=args.rectifier_slope,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)

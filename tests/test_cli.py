@@ -108,6 +108,7 @@ BAD_INPUTS = {
     "negative tv": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--tv", "-1"], "--tv"),
     "zero size": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--size", "0"], "--size"),
     "inf alpha": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--alpha", "inf"], "finite"),
+    "rectifier slope above 1": (lambda t, p: ["invert", p, "--rep", "tiny:relu1", "--out", t / "o.png", "--rectifier-slope", "2"], "rectifier_slope"),
     "bad optimizer": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--optimizer", "lbfgs"], "optimizer"),
     "bad output suffix": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.jpg"], ".png"),
     "missing output folder": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "no" / "o.png"], "does not exist"),
@@ -143,7 +144,7 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
-    for option in ("--tv-beta", "--alpha-weight", "--lr"):
+    for option in ("--tv-beta", "--alpha-weight", "--lr", "--rectifier-slope"):
         code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 

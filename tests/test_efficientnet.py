@@ -13,6 +13,7 @@ from PIL import Image
 from support import gradient_support
 from torch import Tensor, nn
 
+from invviz import representation
 from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, imagenet_weights_path
 
 
@@ -203,3 +204,17 @@ def test_receptive_field_is_the_gradient_support(
         assert box == gradient_support(rep, row, col, height, width), (row, col)
     interior = rep.receptive_field(*cells[0], height, width, clip=False)
     assert interior == interior.clip(height, width)
+
+
+@pytest.mark.parametrize("layer", ["stem", "head", "blocks.3", "pool"])
+def test_pre_rectifier_is_the_code_before_relu6(layer: str) -> None:
+    rep = representation(f"efficientnet_lite0:{layer}")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pre = rep.pre_rectifier(x)
+        if layer in ("stem", "head"):
+            assert pre is not None and pre[1:] == (0.0, 6.0)
+            assert (pre[0] < 0).any()
+            assert torch.equal(pre[0].clamp(0, 6), rep(x))
+        else:
+            assert pre is None

@@ -158,6 +158,8 @@ def test_paper_optimizer_lowers_the_error(photo) -> None:
         ({"jitter": -1}, "jitter"),
         ({"seed": -2}, "seed"),
         ({"pyramid_levels": 0}, "pyramid_levels"),
+        ({"rectifier_slope": 1.5}, "rectifier_slope"),
+        ({"rectifier_slope": -0.1}, "rectifier_slope"),
     ],
 )
 def test_settings_reject_bad_values(kwargs, fragment) -> None:

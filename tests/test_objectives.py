@@ -33,6 +33,35 @@ def test_match_gradcheck_through_a_network() -> None:
     assert torch.autograd.gradcheck(lambda t: match(rep, target, mask)(Context(t)), (x,))
 
 
+def test_rectifier_slope_keeps_the_value_and_wakes_switched_off_units() -> None:
+    rep = representation("tiny:relu1").double()
+    target = rep(images(4))
+    x = images(3).requires_grad_(True)
+    exact, surrogate = match(rep, target), match(rep, target, rectifier_slope=0.5)
+    assert torch.equal(exact(Context(x)), surrogate(Context(x)))
+    # By hand: d/dcode of ‖code − target‖² / ‖target‖², let through the clamp where the unit is on,
+    # and at half strength where it is off but the descent direction would switch it on.
+    pre, low, high = rep.pre_rectifier(x)
+    code = pre.clamp(low, high)
+    grad = 2 * (code - target) / target.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)
+    on = (pre > low) & (pre < high)
+    waking = (pre <= low) & (grad < 0)
+    assert waking.any() and (~on & ~waking).any()
+    expected = torch.autograd.grad(pre, x, grad * (on + 0.5 * waking))[0]
+    assert torch.allclose(torch.autograd.grad(surrogate(Context(x)).sum(), x)[0], expected)
+    assert not torch.allclose(torch.autograd.grad(exact(Context(x)).sum(), x)[0], expected)
+    with pytest.raises(ValueError, match="rectifier_slope"):
+        match(rep, target, rectifier_slope=2.0)
+
+
+def test_rectifier_slope_changes_nothing_without_a_final_clamp() -> None:
+    rep = representation("tiny:conv2").double()
+    target = rep(images(4))
+    x = images(3).requires_grad_(True)
+    exact = torch.autograd.grad(match(rep, target)(Context(x)).sum(), x)[0]
+    assert torch.equal(torch.autograd.grad(match(rep, target, rectifier_slope=0.5)(Context(x)).sum(), x)[0], exact)
+
+
 def test_tv_value_by_hand() -> None:
     x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
     x[0, :, 0, 1] = 0.3  # one pixel differs from its left neighbour in every channel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,9 @@ class TinyNet(Representation):
     def windows(self) -> Sequence[Window]:
         chain = [Window(3, 1, 1), Window(3, 2, 0)]
         return chain[: 1 if self.layer in ("conv1", "relu1") else 2]
+
+    def pre_rectifier(self, images: Tensor) -> tuple[Tensor, float, float] | None:
+        return (self.conv1(images * 2 - 1), 0.0, math.inf) if self.layer == "relu1" else None
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.conv1(images * 2 - 1)

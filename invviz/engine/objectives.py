@@ -33,13 +33,18 @@ class Context:
 
     def __init__(self, images: Tensor) -> None:
         self.images = images
-        self._codes: dict[int, Tensor] = {}
+        self._codes: dict[tuple[int, float], Tensor] = {}
 
-    def code(self, rep: Representation) -> Tensor:
-        """``rep(images)``, computed once per step however many terms use it."""
-        key = id(rep)
+    def code(self, rep: Representation, rectifier_slope: float = 0.0) -> Tensor:
+        """``rep(images)``, computed once per step however many terms use it.
+
+        With ``rectifier_slope > 0`` and a code that ends in a clamp (``rep.pre_rectifier``), the
+        values are the same but the gradient also reaches clamped entries (see ``match``).
+        """
+        key = (id(rep), rectifier_slope)
         if key not in self._codes:
-            self._codes[key] = rep(self.images)
+            pre = rep.pre_rectifier(self.images) if rectifier_slope else None
+            self._codes[key] = rep(self.images) if pre is None else _RevivingClamp.apply(*pre, rectifier_slope)
         return self._codes[key]
 
 
@@ -123,17 +128,51 @@ def check_mask(mask: Tensor, code_shape: Sequence[int]) -> Tensor:
     return mask.expand(code_shape)
 
 
-def match(rep: Representation, target: Tensor, mask: Tensor | None = None) -> Objective:
+class _RevivingClamp(torch.autograd.Function):
+    """``pre.clamp(low, high)`` whose gradient also reaches clamped entries, scaled by ``slope``, in
+    the direction that would bring them back inside (a one-sided straight-through estimator).
+
+    The true gradient of a rectified code is zero at every switched-off entry, so an inversion can
+    only turn on a unit the target has on by changing the image for other reasons first.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, low: float, high: float, slope: float) -> Tensor:
+        ctx.save_for_backward(pre)
+        ctx.bounds, ctx.slope = (low, high), slope
+        return pre.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (pre,) = ctx.saved_tensors
+        low, high = ctx.bounds
+        inside = (pre > low) & (pre < high)
+        # A descent step moves ``pre`` by −grad: up where grad < 0, down where grad > 0.
+        reviving = ((pre <= low) & (grad < 0)) | ((pre >= high) & (grad > 0))
+        weight = inside.to(grad.dtype).add_(reviving.to(grad.dtype), alpha=ctx.slope)
+        return grad * weight, None, None, None
+
+
+def match(
+    rep: Representation, target: Tensor, mask: Tensor | None = None, *, rectifier_slope: float = 0.0
+) -> Objective:
     """The paper's data term: normalized squared distance between ``rep(x)`` and ``target``.
 
     ``target`` is a code ``(C, ...)`` or ``(B, C, ...)``; ``mask`` a boolean tensor broadcastable to
     the code ``(B, C, H, W)`` (e.g. ``(C, H, W)``, ``(1, H, W)`` or per image ``(B, C, H, W)``)
     selecting the entries that enter both the distance and the normalization.
+
+    ``rectifier_slope``: when the code ends in a clamp such as ReLU6 (``rep.pre_rectifier``), let
+    this fraction of the gradient through to entries the clamp has switched off, in the direction
+    that switches them on. The value is unchanged; 0 is the true gradient.
     """
     target = target.detach()
     if mask is not None and not bool(mask.any()):
         raise ValueError("mask selects no code entry")
-    return _term("feature", lambda ctx: feature_error_squared(ctx.code(rep), target, mask))
+    if not (isinstance(rectifier_slope, (int, float)) and 0 <= rectifier_slope <= 1):
+        raise ValueError(f"rectifier_slope must be a number from 0 to 1, got {rectifier_slope!r}")
+    slope = float(rectifier_slope)
+    return _term("feature", lambda ctx: feature_error_squared(ctx.code(rep, slope), target, mask))
 
 
 class _TotalVariation(torch.autograd.Function):

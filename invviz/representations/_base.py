@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._geometry import Box, Window, axis_geometry, window_box
 
@@ -44,6 +44,14 @@ class Representation(nn.Module):
     def windows(self) -> Sequence[Window] | None:
         """Windowed operations from the input to ``layer``; ``None`` for non-spatial codes."""
         raise NotImplementedError
+
+    def pre_rectifier(self, images: Tensor) -> tuple[Tensor, float, float] | None:
+        """The code before a final elementwise clamp, with the clamp's bounds: ``(pre, low, high)``
+        such that ``self(images)`` equals ``pre.clamp(low, high)``; ``None`` (the default) when the
+        code does not end in one. The engine uses it to let a surrogate gradient reach code entries
+        the clamp has switched off (see ``invviz.engine.match``).
+        """
+        return None
 
     # --- derived ------------------------------------------------------------------------------
     @property
