@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from support import gradient_support
 from torch import Tensor, nn
 
 from invviz import representation
-from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, imagenet_weights_path
+from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, SameConv2d, imagenet_weights_path
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,17 @@ def test_pre_rectifier_is_the_code_before_relu6(layer: str) -> None:
             assert torch.equal(pre[0].clamp(0, 6), rep(x))
         else:
             assert pre is None
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(16, 16), (15, 15), (16, 13), (11, 18)])
+def test_depthwise_stride2_without_a_padded_copy_equals_the_copy(kernel: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    conv = SameConv2d(6, 6, kernel, stride=2, groups=6).double()
+    x = torch.rand(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    (top, bottom), (left, right) = conv._same_padding(size[0]), conv._same_padding(size[1])
+    reference = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, conv.bias, 2, groups=6)
+    assert bottom - top in (0, 1) and right - left in (0, 1)
+    torch.testing.assert_close(conv(x), reference)
+    grad = torch.rand_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(conv(x), x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
