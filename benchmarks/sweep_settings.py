@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from bench_layers import quantized
+from bench_layers import quantized, relative_error
 from photos import HELD_OUT, SKIMAGE_PHOTOS, photo
 
 from invviz import Settings, invert, representation, roughness
@@ -75,11 +75,9 @@ def main() -> None:
                 device=args.device,
             )
             seconds = time.perf_counter() - began
-            written = quantized(result.images)
-            with torch.no_grad():
-                codes = rep(written.to(args.device))
-            errors = ((codes - targets).flatten(1).norm(dim=1) / targets.flatten(1).norm(dim=1)).tolist()
-            rough = [roughness(written[i]) / roughness(photos[i]) for i in range(len(names))]
+            images = result.images
+            errors = [relative_error(rep, images[i], targets[i : i + 1]) for i in range(len(names))]
+            rough = [roughness(quantized(images[i])) / roughness(photos[i]) for i in range(len(names))]
             meet = sum(e <= ERROR_BOUND and r <= ROUGHNESS_BOUND for e, r in zip(errors, rough))
             label = ", ".join(f"{key}={value}" for key, value in overrides.items()) or "defaults"
             print(

@@ -9,7 +9,7 @@ stages up to its layer, so a forward pass never computes more than the code need
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -293,9 +293,13 @@ class EfficientNetLite0(Representation):
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [0, 1] → the code of ``layer`` (see the class docstring)."""
+        return self._through(images, self.stages)
+
+    @staticmethod
+    def _through(images: Tensor, stages: Iterable[nn.Module]) -> Tensor:
         # The network was trained on pixels scaled to [-1, 1].
         x = images * 2 - 1
-        for stage in self.stages:
+        for stage in stages:
             x = stage(x)
         return x
 
@@ -315,10 +319,7 @@ class EfficientNetLite0(Representation):
         last = self.stages[-1]
         if not (isinstance(last, ConvBN) and last.relu):
             return None
-        x = images * 2 - 1
-        for stage in self.stages[:-1]:
-            x = stage(x)
-        return last.conv(x), 0.0, 6.0
+        return last.conv(self._through(images, self.stages[:-1])), 0.0, 6.0
 
     def windows(self) -> Sequence[Window] | None:
         if self.layer in ("pool", "logits"):
