@@ -24,6 +24,7 @@ from .objectives import (
     Objective,
     alpha_norm,
     check_mask,
+    check_rectifier_slope,
     feature_error_squared,
     match,
     tv,
@@ -100,9 +101,7 @@ class Settings:
         finite("tv_beta", self.tv_beta, positive=True)
         finite("alpha_weight", self.alpha_weight)
         finite("alpha", self.alpha, positive=True)
-        finite("rectifier_slope", self.rectifier_slope)
-        if self.rectifier_slope > 1:
-            raise ValueError(f"rectifier_slope must be from 0 to 1, got {self.rectifier_slope}")
+        check_rectifier_slope(self.rectifier_slope)
 
     def resolved(self, rep: Representation) -> Settings:
         """These settings with every ``None`` replaced by the representation's default."""

@@ -153,6 +153,13 @@ class _RevivingClamp(torch.autograd.Function):
         return grad * weight, None, None, None
 
 
+def check_rectifier_slope(value: object) -> float:
+    """``value`` as a float if it is a number from 0 to 1, else a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"rectifier_slope must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
 def match(
     rep: Representation, target: Tensor, mask: Tensor | None = None, *, rectifier_slope: float = 0.0
 ) -> Objective:
@@ -169,9 +176,7 @@ def match(
     target = target.detach()
     if mask is not None and not bool(mask.any()):
         raise ValueError("mask selects no code entry")
-    if not (isinstance(rectifier_slope, (int, float)) and 0 <= rectifier_slope <= 1):
-        raise ValueError(f"rectifier_slope must be a number from 0 to 1, got {rectifier_slope!r}")
-    slope = float(rectifier_slope)
+    slope = check_rectifier_slope(rectifier_slope)
     return _term("feature", lambda ctx: feature_error_squared(ctx.code(rep, slope), target, mask))
 
 
