@@ -26,6 +26,8 @@ PIXEL_SCALE = 80.0 / 255.0
 VARIATION_SCALE = PIXEL_SCALE / 6.5
 #: Mean pixel of ImageNet images in [0, 1] RGB; the α-norm measures distance from it.
 MEAN_PIXEL = (0.485, 0.456, 0.406)
+#: Added to TV's squared differences for ``β ≠ 2`` (a tiny fraction of a typical one).
+TV_EPSILON = 1e-8 * VARIATION_SCALE**2
 
 
 class Context:
@@ -226,6 +228,30 @@ class _TotalVariation(torch.autograd.Function):
         return out.mul_(-1.0 if slopes else -scale), None, None
 
 
+@dataclass(frozen=True)
+class PixelPrior:
+    """A prior on the pixels alone, ``(B, 3, H, W)`` → ``(B,)``: TV^β (``kind="tv"``) or the
+    α-norm (``kind="alpha"``) with its ``exponent``. Being plain functions of the image with
+    written-out gradients, they are the terms the loop may evaluate with fused CPU kernels
+    (``_native``) instead of autograd; calling one evaluates it with torch."""
+
+    kind: str
+    exponent: float
+
+    @property
+    def scale(self) -> float:
+        """The value is the image's mean (TV^β or α-norm) times this (``1 / V^β``, ``1 / B^α``)."""
+        return 1.0 / (VARIATION_SCALE if self.kind == "tv" else PIXEL_SCALE) ** self.exponent
+
+    def __call__(self, ctx: Context) -> Tensor:
+        # Scale the per-image scalar, not the image: the same value, fewer passes over pixels.
+        if self.kind == "tv":
+            value: Tensor = _TotalVariation.apply(ctx.images, self.exponent, TV_EPSILON)
+        else:
+            value = _AlphaNorm.apply(ctx.images, self.exponent)
+        return value * self.scale
+
+
 def tv(beta: float = 2.0) -> Objective:
     """Total variation ``mean_ij ((Δx)² + (Δy)²)^(β/2) / V^β`` per image (Δ summed over RGB).
 
@@ -234,15 +260,7 @@ def tv(beta: float = 2.0) -> Objective:
     """
     if not beta > 0:
         raise ValueError(f"tv beta must be positive, got {beta}")
-    beta = float(beta)
-    epsilon = 1e-8 * VARIATION_SCALE**2
-
-    def total_variation(ctx: Context) -> Tensor:
-        # Scale the per-image scalar, not the image: the same value, fewer passes over pixels.
-        value: Tensor = _TotalVariation.apply(ctx.images, beta, epsilon)
-        return value / VARIATION_SCALE**beta
-
-    return _term("tv", total_variation)
+    return _term("tv", PixelPrior("tv", float(beta)))
 
 
 class _AlphaNorm(torch.autograd.Function):
@@ -270,13 +288,7 @@ def alpha_norm(alpha: float = 6.0) -> Objective:
     """``mean_ij (‖x_ij − mean pixel‖ / B)^α`` per image: keeps pixels in a natural range."""
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    alpha = float(alpha)
-
-    def norm(ctx: Context) -> Tensor:
-        value: Tensor = _AlphaNorm.apply(ctx.images, alpha)
-        return value / PIXEL_SCALE**alpha
-
-    return _term("alpha", norm)
+    return _term("alpha", PixelPrior("alpha", float(alpha)))
 
 
 def term_values(values: Mapping[str, Tensor]) -> dict[str, list[float]]:

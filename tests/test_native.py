@@ -1,0 +1,154 @@
+"""The fused CPU kernels (``invviz/engine/_native.c``) against the torch formulation they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from invviz import Settings, invert, representation, sample_image
+from invviz.engine import _native
+from invviz.engine.loop import _Pyramid, default_objective, random_start
+from invviz.engine.objectives import MEAN_PIXEL, TV_EPSILON, Context, PixelPrior
+
+pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler to build the kernels")
+
+SIZES = [(8, 8, 16, 16), (4, 5, 7, 9), (3, 3, 6, 5), (1, 1, 2, 1), (2, 1, 3, 2), (56, 56, 112, 112)]
+
+
+def upsampled(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[..., :height, :width]
+
+
+@pytest.mark.parametrize(("h", "w", "height", "width"), SIZES)
+def test_upsample_add_is_torch_bilinear_plus_the_finer_level(h, w, height, width) -> None:
+    coarse, fine = torch.rand(2, 3, h, w), torch.rand(2, 3, height, width)
+    expected = fine + upsampled(coarse, height, width)
+    assert torch.allclose(_native.upsample_add(coarse, fine.clone()), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("h", "w", "height", "width"), SIZES)
+def test_clamped_composition_moves_the_excess_into_the_finer_level(h, w, height, width) -> None:
+    coarse, fine = torch.rand(2, 3, h, w), torch.rand(2, 3, height, width) * 3 - 1
+    raw = fine + upsampled(coarse, height, width)
+    corrected = fine.clone()
+    image = _native.upsample_add(coarse, corrected, clamp=True)
+    assert torch.allclose(image, raw.clamp(0, 1), atol=1e-6)
+    assert image.min() >= 0 and image.max() <= 1
+    # Afterwards the levels compose to exactly the returned image.
+    assert torch.allclose(corrected + upsampled(coarse, height, width), image, atol=1e-6)
+
+
+@pytest.mark.parametrize(("h", "w", "height", "width"), SIZES)
+def test_upsample_adjoint_is_the_gradient_of_upsampling(h, w, height, width) -> None:
+    coarse = torch.rand(2, 3, h, w, requires_grad=True)
+    grad = torch.randn(2, 3, height, width)
+    (upsampled(coarse, height, width) * grad).sum().backward()
+    assert torch.allclose(_native.upsample_adjoint(grad, (h, w)), coarse.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.0, 1.5])
+@pytest.mark.parametrize("alpha", [6.0, 2.0, 2.5])
+@pytest.mark.parametrize("size", [(5, 7), (2, 3), (32, 32)])
+def test_fused_priors_equal_the_torch_priors(beta, alpha, size) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, *size, requires_grad=True)
+    tv_prior, alpha_prior = PixelPrior("tv", beta), PixelPrior("alpha", alpha)
+    tv_weight, alpha_weight = 0.3, 0.7
+    context = Context(images)
+    tv_expected, alpha_expected = tv_weight * tv_prior(context), alpha_weight * alpha_prior(context)
+    (tv_expected + alpha_expected).sum().backward()
+
+    left = torch.randn_like(images) * 1e-3  # the kernel adds to what the data term left there
+    grad = left.clone()
+    tv_values, alpha_values = _native.priors(
+        images.detach(), grad, tv_weight * tv_prior.scale, beta, TV_EPSILON,
+        alpha_weight * alpha_prior.scale, alpha, MEAN_PIXEL,
+    )
+    assert torch.allclose((tv_values * tv_weight * tv_prior.scale).float(), tv_expected.detach(), rtol=1e-5)
+    assert torch.allclose((alpha_values * alpha_weight * alpha_prior.scale).float(), alpha_expected.detach(), rtol=1e-5)
+    assert torch.allclose(grad - left, images.grad, rtol=1e-4, atol=1e-5 * images.grad.abs().max().item())
+
+
+def test_a_zero_weight_skips_that_prior() -> None:
+    images, grad = torch.rand(1, 3, 9, 9), torch.zeros(1, 3, 9, 9)
+    tv_values, alpha_values = _native.priors(images, grad, 0.0, 2.0, 0.0, 1.0, 6.0, MEAN_PIXEL)
+    assert tv_values.item() == 0.0 and alpha_values.item() > 0.0
+
+
+def test_adam_is_torch_adam() -> None:
+    generator = torch.Generator().manual_seed(0)
+    param = torch.randn(3, 50, generator=generator)
+    reference = param.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([reference], lr=0.1)
+    first, second = torch.zeros_like(param), torch.zeros_like(param)
+    for step in range(1, 30):
+        grad = torch.randn(3, 50, generator=generator) * 10.0 ** -(step % 4)
+        lr = 0.1 / step
+        optimizer.param_groups[0]["lr"] = lr
+        reference.grad = grad.clone()
+        optimizer.step()
+        _native.adam(param, grad, first, second, lr, (0.9, 0.999), 1e-8, step)
+    assert torch.allclose(param, reference.detach(), atol=1e-6)
+
+
+def test_a_native_step_equals_the_torch_step() -> None:
+    """Same start, same objective: the native pyramid, priors and Adam give the torch path's image."""
+    rep = representation("efficientnet_lite0:blocks.1")
+    photo = sample_image("chelsea", 40)
+    settings = Settings(iters=3).resolved(rep)
+    with torch.no_grad():
+        target = rep(photo[None])
+    objective = default_objective(rep, target, None, settings, (40, 40))
+    start = random_start(1, 3, 40, 40, seed=0) * 1.6 - 0.3  # some pixels outside [0, 1] to clamp
+    images = []
+    for native in (False, True):
+        pyramid = _Pyramid(start, 3, native)
+        with torch.no_grad():
+            for level in pyramid.levels[1:]:
+                level.copy_(torch.randn(level.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        image = pyramid.image()
+        if native:
+            image.requires_grad_(True)
+        terms = objective.evaluate(Context(image))
+        if native:
+            del terms["tv"], terms["alpha"]
+        torch.stack(list(terms.values())).sum().backward()
+        if native:
+            grad = image.grad.clone()
+            tv, alpha = objective.terms[1], objective.terms[2]
+            _native.priors(image.detach(), grad, tv[1] * tv[2].scale, 2.0, TV_EPSILON, alpha[1] * alpha[2].scale,
+                           6.0, MEAN_PIXEL)
+            grads = pyramid.gradients(grad)
+        else:
+            grads = [level.grad for level in pyramid.levels]
+        images.append((image.detach().clone(), grads))
+    (torch_image, torch_grads), (native_image, native_grads) = images
+    assert torch.allclose(native_image, torch_image, atol=1e-6)
+    for expected, got in zip(torch_grads, native_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", ["efficientnet_lite0:blocks.1", "hog"])
+def test_both_paths_reconstruct_equally_well(spec, monkeypatch) -> None:
+    """Over many steps the two paths drift apart as any two float orders do (inversion is chaotic:
+    a 1e-6 change of the start does the same), so compare what matters: the error reached."""
+    rep = representation(spec)
+    photo = sample_image("chelsea", 48)
+    errors = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv("INVVIZ_NATIVE", native)
+        monkeypatch.setattr(_native, "_loaded", {})
+        errors[native] = invert(rep, photo, settings=Settings(iters=60), device="cpu").feature_error[0]
+    assert errors["1"] < 0.35 and errors["0"] < 0.35
+    assert errors["1"] == pytest.approx(errors["0"], rel=0.25)
+
+
+def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch) -> None:
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setattr(_native, "_compiler", lambda: None)
+    assert _native.library() is None
+    assert not _native.usable(torch.zeros(1))
+    result = invert(representation("tiny:conv2"), sample_image("chelsea", 16), settings=Settings(iters=5), device="cpu")
+    assert len(result.history["feature"]) == 5
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setenv("INVVIZ_NATIVE", "0")
+    assert _native.library() is None
