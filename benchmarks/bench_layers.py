@@ -22,7 +22,7 @@ from photos import HELD_OUT, SKIMAGE_PHOTOS, photo
 
 from invviz import Settings, invert, representation, roughness
 from invviz.demo import DEMO_LAYERS
-from invviz.engine import Context, match, tv
+from invviz.engine import Context, Step, match, tv
 from invviz.images import SAMPLES
 from invviz.representations._base import DEFAULT_ITERS
 
@@ -57,8 +57,12 @@ def naive(rep, image: torch.Tensor, iters: int, device: str) -> torch.Tensor:  #
     return pixels.detach()[0].cpu()
 
 
-def per_iteration_cost(layer: str, device: str, repeats: int = 20) -> tuple[float, float]:
-    """Seconds per step: a bare forward+backward of the truncated net vs one engine step."""
+def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[float, float]:
+    """Median seconds per step: a bare forward+backward of the truncated net vs one engine step.
+
+    Interleaved step by step: after each engine step the callback times one bare pass on the same
+    input, and the engine's step is timed from the end of one callback to the start of the next,
+    so load from elsewhere (this kind of machine swings ±20 %) hits both alike."""
     rep = representation("efficientnet_lite0", layer=layer).to(device)
     image = photo("chelsea", 224)
     x = image[None].to(device).requires_grad_(True)
@@ -67,21 +71,24 @@ def per_iteration_cost(layer: str, device: str, repeats: int = 20) -> tuple[floa
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(3):
+    bare: list[float] = []
+    engine: list[float] = []
+    resumed: list[float] = []
+
+    def interleave(step: Step) -> None:
+        sync()
+        if resumed:
+            engine.append(time.perf_counter() - resumed[-1])
+        began = time.perf_counter()
+        x.grad = None
         rep(x).square().sum().backward()
-    sync()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        rep(x).square().sum().backward()
-    sync()
-    bare = (time.perf_counter() - began) / repeats
-    invert(rep, image, settings=Settings(iters=3), device=device)
-    sync()
-    began = time.perf_counter()
-    invert(rep, image, settings=Settings(iters=repeats), device=device)
-    sync()
-    engine = (time.perf_counter() - began) / repeats
-    return bare, engine
+        sync()
+        bare.append(time.perf_counter() - began)
+        resumed.append(time.perf_counter())
+
+    invert(rep, image, settings=Settings(iters=repeats + 5), device=device, on_step=interleave)
+    # The first steps warm up allocator and caches for both.
+    return statistics.median(bare[5:]), statistics.median(engine[5:])
 
 
 def main() -> None:

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
     inv.add_argument("--rectifier-slope", type=non_negative_float, default=Settings.rectifier_slope,
                      help=f"gradient let through to switched-off units of a code ending in ReLU6, 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient)")
+    inv.add_argument("--feature-power", type=positive_float,
+                     help="data term (‖Φ(x) − Φ0‖ / ‖Φ0‖)^P (default: 1 with adam, 2, the paper's squared form, with paper)")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
     inv.add_argument("--quiet", action="store_true", help="no progress bar")
     inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
@@ -198,6 +200,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         jitter=args.jitter,
         seed=args.seed,
         rectifier_slope=args.rectifier_slope,
+        feature_power=args.feature_power,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)

@@ -144,6 +144,23 @@ def test_paper_optimizer_lowers_the_error(photo) -> None:
     assert result.feature_error[0] < 0.7 * errors[0]
 
 
+def test_feature_power_defaults_to_one_with_adam_and_to_the_papers_two_with_its_optimizer(photo) -> None:
+    rep = representation("tiny:conv2")
+    assert Settings().resolved(rep).feature_power == 1.0
+    assert Settings(optimizer="paper").resolved(rep).feature_power == 2.0
+    assert Settings(optimizer="paper", feature_power=1.5).resolved(rep).feature_power == 1.5
+    # The reported per-step error is the relative error whatever the power.
+    for power in (1.0, 2.0):
+        seen = []
+        result = invert(rep, photo, settings=Settings(iters=3, feature_power=power), device="cpu", on_step=seen.append)
+        last = seen[-1]
+        with torch.no_grad():
+            target = rep(photo[None])
+            error = ((rep(last.images) - target).norm() / target.norm()).item()
+        assert last.feature_error[0] == pytest.approx(error, rel=1e-4)
+        assert result.history["feature"][-1][0] == pytest.approx(error**power, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
@@ -160,6 +177,8 @@ def test_paper_optimizer_lowers_the_error(photo) -> None:
         ({"pyramid_levels": 0}, "pyramid_levels"),
         ({"rectifier_slope": 1.5}, "rectifier_slope"),
         ({"rectifier_slope": -0.1}, "rectifier_slope"),
+        ({"feature_power": 0}, "feature_power"),
+        ({"feature_power": float("nan")}, "feature_power"),
     ],
 )
 def test_settings_reject_bad_values(kwargs, fragment) -> None:

@@ -33,6 +33,19 @@ def test_match_gradcheck_through_a_network() -> None:
     assert torch.autograd.gradcheck(lambda t: match(rep, target, mask)(Context(t)), (x,))
 
 
+@pytest.mark.parametrize("power", [1.0, 1.5])
+def test_match_power_is_the_relative_error_to_that_power(power: float) -> None:
+    rep = representation("tiny:conv2").double()
+    target = rep(images(1))
+    x = images(2).requires_grad_(True)
+    squared = match(rep, target)(Context(x))
+    assert torch.allclose(match(rep, target, power=power)(Context(x)), squared ** (power / 2))
+    assert torch.autograd.gradcheck(lambda t: match(rep, target, power=power)(Context(t)), (x,))
+    for bad in (0, -1.0, math.inf, True):
+        with pytest.raises(ValueError, match="feature power"):
+            match(rep, target, power=bad)
+
+
 def test_rectifier_slope_keeps_the_value_and_wakes_switched_off_units() -> None:
     rep = representation("tiny:relu1").double()
     target = rep(images(4))

@@ -123,6 +123,47 @@ void invviz_upsample_adjoint(const float *grad, int H, int W, float *coarse, int
     }
 }
 
+/* TV with beta = 2 on one plane in one sweep: s^(beta/2) = s is a sum over planes, so each plane
+ * adds its own sum of dx^2 + dy^2, and its gradient is k times a Laplacian-like stencil (with the
+ * terms of corners that exist). Returns the plane's sum over corners. */
+static double quadratic_tv_plane(const float *p, float *g, int H, int W, float k)
+{
+    int rows = H - 1, cols = W - 1;
+    double sum = 0.0;
+    for (int i = 0; i < H; ++i) {
+        const float *r = p + (size_t)i * W;
+        float *o = g + (size_t)i * W;
+        if (i < rows) {
+            double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+            for (int j = 0; j < cols; ++j) {
+                float dx = r[j + 1] - r[j], dy = r[j + W] - r[j];
+                acc += (double)(dx * dx + dy * dy);
+            }
+            sum += acc;
+        }
+        if (i > 0 && i < rows) {
+            /* Interior row: every corner exists except the one right of the last column. */
+            o[0] += k * ((r[0] - r[1]) + (r[0] - r[W]) + (r[0] - r[-W]));
+            for (int j = 1; j < cols; ++j)
+                o[j] += k * (4.0f * r[j] - r[j + 1] - r[j - 1] - r[j + W] - r[j - W]);
+            o[cols] += k * (r[cols] - r[cols - 1]);
+            continue;
+        }
+        if (i < rows) { /* first row: no corners above */
+            for (int j = 0; j < cols; ++j)
+                o[j] -= k * ((r[j + 1] - r[j]) + (r[j + W] - r[j]));
+            for (int j = 1; j <= cols; ++j)
+                o[j] += k * (r[j] - r[j - 1]);
+        }
+        if (i > 0) { /* last row: only the corners above */
+            for (int j = 0; j < cols; ++j)
+                o[j] += k * (r[j] - r[j - W]);
+        }
+    }
+    return sum;
+}
+
 /* Total variation of one image of C planes: value = mean over corners (i < H-1, j < W-1) of
  * s^(beta/2), s = sum over planes of dx^2 + dy^2 (+ epsilon when beta != 2); `weight` times its
  * gradient is added to grad. `slope` is scratch for (H-1) x (W-1) floats. Returns the value. */
@@ -131,6 +172,13 @@ static double total_variation(const float *x, float *grad, int C, int H, int W, 
 {
     size_t plane = (size_t)H * W, corners = (size_t)(H - 1) * (W - 1);
     int rows = H - 1, cols = W - 1;
+    if (beta == 2.0) {
+        double sum = 0.0;
+        float k = (float)(2.0 * weight / (double)corners);
+        for (int c = 0; c < C; ++c)
+            sum += quadratic_tv_plane(x + c * plane, grad + c * plane, H, W, k);
+        return sum / (double)corners;
+    }
     for (size_t k = 0; k < corners; ++k)
         slope[k] = 0.0f;
     for (int c = 0; c < C; ++c)
@@ -146,13 +194,7 @@ static double total_variation(const float *x, float *grad, int C, int H, int W, 
      * 2 weight / corners (the 2 from d(dx^2)/d(dx)). */
     double sum = 0.0;
     float scale = (float)(2.0 * weight / (double)corners), half = (float)(beta / 2.0), eps = (float)epsilon;
-    if (beta == 2.0) {
-#pragma omp simd reduction(+ : sum)
-        for (size_t k = 0; k < corners; ++k) {
-            sum += slope[k];
-            slope[k] = scale;
-        }
-    } else if (beta == 1.0) {
+    if (beta == 1.0) {
 #pragma omp simd reduction(+ : sum)
         for (size_t k = 0; k < corners; ++k) {
             float s = slope[k] + eps, powered = sqrtf(s);
@@ -189,49 +231,55 @@ static double total_variation(const float *x, float *grad, int C, int H, int W, 
 }
 
 /* Alpha-norm of one image of C planes: value = mean over pixels of (sum_c (x_c - mean_c)^2)^(alpha/2);
- * `weight` times its gradient is added to grad. `slope` is scratch for H x W floats. */
+ * `weight` times its gradient is added to grad. Row by row, so that each row of every plane is
+ * read from memory once; `slope` is scratch for W floats. Returns the value. */
 static double alpha_norm(const float *x, float *grad, int C, int H, int W, double alpha, const float *mean,
                          double weight, float *slope)
 {
     size_t plane = (size_t)H * W;
-    for (size_t k = 0; k < plane; ++k)
-        slope[k] = 1e-12f;
-    for (int c = 0; c < C; ++c) {
-        const float *p = x + c * plane;
-        float centre = mean[c];
-        for (size_t k = 0; k < plane; ++k) {
-            float d = p[k] - centre;
-            slope[k] += d * d;
-        }
-    }
-    /* Per pixel: alpha s^(alpha/2 - 1) times weight / pixels (d/dc of s^(alpha/2) is that times c). */
     double sum = 0.0;
+    /* Per pixel: alpha s^(alpha/2 - 1) times weight / pixels (d/dc of s^(alpha/2) is that times c). */
     float scale = (float)(weight * alpha / (double)plane), half = (float)(alpha / 2.0);
-    if (alpha == 6.0) {
-#pragma omp simd reduction(+ : sum)
-        for (size_t k = 0; k < plane; ++k) {
-            float s = slope[k], squared = s * s;
-            sum += squared * s;
-            slope[k] = scale * squared;
+    for (int i = 0; i < H; ++i) {
+        size_t offset = (size_t)i * W;
+        for (int j = 0; j < W; ++j)
+            slope[j] = 1e-12f;
+        for (int c = 0; c < C; ++c) {
+            const float *p = x + c * plane + offset;
+            float centre = mean[c];
+            for (int j = 0; j < W; ++j) {
+                float d = p[j] - centre;
+                slope[j] += d * d;
+            }
         }
-    } else if (alpha == 2.0) {
-#pragma omp simd reduction(+ : sum)
-        for (size_t k = 0; k < plane; ++k) {
-            sum += slope[k];
-            slope[k] = scale;
+        double acc = 0.0;
+        if (alpha == 6.0) {
+#pragma omp simd reduction(+ : acc)
+            for (int j = 0; j < W; ++j) {
+                float s = slope[j], squared = s * s;
+                acc += squared * s;
+                slope[j] = scale * squared;
+            }
+        } else if (alpha == 2.0) {
+#pragma omp simd reduction(+ : acc)
+            for (int j = 0; j < W; ++j) {
+                acc += slope[j];
+                slope[j] = scale;
+            }
+        } else {
+            for (int j = 0; j < W; ++j) {
+                float s = slope[j], powered = powf(s, half);
+                acc += powered;
+                slope[j] = scale * powered / s;
+            }
         }
-    } else {
-        for (size_t k = 0; k < plane; ++k) {
-            float s = slope[k], powered = powf(s, half);
-            sum += powered;
-            slope[k] = scale * powered / s;
+        sum += acc;
+        for (int c = 0; c < C; ++c) {
+            const float *p = x + c * plane + offset;
+            float *g = grad + c * plane + offset, centre = mean[c];
+            for (int j = 0; j < W; ++j)
+                g[j] += slope[j] * (p[j] - centre);
         }
-    }
-    for (int c = 0; c < C; ++c) {
-        const float *p = x + c * plane;
-        float *g = grad + c * plane, centre = mean[c];
-        for (size_t k = 0; k < plane; ++k)
-            g[k] += slope[k] * (p[k] - centre);
     }
     return sum / (double)plane;
 }

@@ -162,14 +162,44 @@ def check_rectifier_slope(value: object) -> float:
     return float(value)
 
 
+class FeatureMatch:
+    """The data term's function: ``(‖m⊙(Φ(x) − Φ0)‖² / ‖m⊙Φ0‖²)^(power/2)`` per image, ``(B,)``."""
+
+    def __init__(
+        self, rep: Representation, target: Tensor, mask: Tensor | None, rectifier_slope: float, power: float
+    ) -> None:
+        self.rep, self.target, self.mask = rep, target, mask
+        self.rectifier_slope, self.power = rectifier_slope, power
+
+    def __call__(self, ctx: Context) -> Tensor:
+        squared = feature_error_squared(ctx.code(self.rep, self.rectifier_slope), self.target, self.mask)
+        if self.power == 2.0:
+            return squared
+        # A floor far below any error worth reporting keeps the gradient finite at an exact match.
+        return squared.clamp_min(1e-12).pow(self.power / 2)
+
+    def feature_error(self, value: float) -> float:
+        """The relative error ``‖Φ(x) − Φ0‖ / ‖Φ0‖`` from this term's (unweighted) value."""
+        return max(value, 0.0) ** (1.0 / self.power)
+
+
 def match(
-    rep: Representation, target: Tensor, mask: Tensor | None = None, *, rectifier_slope: float = 0.0
+    rep: Representation,
+    target: Tensor,
+    mask: Tensor | None = None,
+    *,
+    rectifier_slope: float = 0.0,
+    power: float = 2.0,
 ) -> Objective:
     """The paper's data term: normalized squared distance between ``rep(x)`` and ``target``.
 
     ``target`` is a code ``(C, ...)`` or ``(B, C, ...)``; ``mask`` a boolean tensor broadcastable to
     the code ``(B, C, H, W)`` (e.g. ``(C, H, W)``, ``(1, H, W)`` or per image ``(B, C, H, W)``)
     selecting the entries that enter both the distance and the normalization.
+
+    ``power``: 2 is the paper's ``‖Φ(x) − Φ0‖² / ‖Φ0‖²``; 1 its square root, the relative error
+    itself, whose gradient does not fade as the error shrinks (the squared form's is 2·error times
+    it), so next to the same priors the data term keeps its pull to the end of a run.
 
     ``rectifier_slope``: when the code ends in a clamp such as ReLU6 (``rep.pre_rectifier``), let
     this fraction of the gradient through to entries the clamp has switched off, in the direction
@@ -179,7 +209,9 @@ def match(
     if mask is not None and not bool(mask.any()):
         raise ValueError("mask selects no code entry")
     slope = check_rectifier_slope(rectifier_slope)
-    return _term("feature", lambda ctx: feature_error_squared(ctx.code(rep, slope), target, mask))
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
+        raise ValueError(f"feature power must be a positive number, got {power!r}")
+    return _term("feature", FeatureMatch(rep, target, mask, slope, float(power)))
 
 
 class _TotalVariation(torch.autograd.Function):
