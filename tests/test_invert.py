@@ -15,7 +15,7 @@ from invviz import (
     sample_image,
     tv,
 )
-from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate, _Upsample
+from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate, _tv_factor, _Upsample
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,28 @@ def test_feature_power_defaults_to_one_with_adam_and_to_the_papers_two_with_its_
         assert result.history["feature"][-1][0] == pytest.approx(error**power, rel=1e-4)
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_tv_weight_starts_at_tv_start_times_and_ends_at_tv_weight(photo, native, monkeypatch) -> None:
+    from invviz.engine import _native
+
+    monkeypatch.setenv("INVVIZ_NATIVE", native)
+    monkeypatch.setattr(_native, "_loaded", {})
+    rep = representation("tiny:conv2")
+    first = {}
+    for start in (1.0, 4.0):
+        result = invert(rep, photo, settings=Settings(iters=5, tv_start=start, tv_weight=0.1), device="cpu")
+        first[start] = result.history["tv"][0][0]
+    # Same start image, so the first step's TV differs only by the schedule's factor.
+    assert first[4.0] == pytest.approx(4 * first[1.0], rel=1e-5)
+    settings = Settings(iters=5, tv_start=4.0).resolved(rep)
+    assert [_tv_factor(settings, step) for step in (0, 4)] == pytest.approx([4.0, 1.0])
+    # A custom objective keeps its weights.
+    with torch.no_grad():
+        target = rep(photo[None])
+    custom = invert(rep, photo, objective=match(rep, target) + 0.1 * tv(2), settings=Settings(iters=5, tv_start=4.0))
+    assert custom.history["tv"][0][0] == pytest.approx(first[1.0], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
@@ -178,6 +200,7 @@ def test_feature_power_defaults_to_one_with_adam_and_to_the_papers_two_with_its_
         ({"rectifier_slope": 1.5}, "rectifier_slope"),
         ({"rectifier_slope": -0.1}, "rectifier_slope"),
         ({"feature_power": 0}, "feature_power"),
+        ({"tv_start": 0}, "tv_start"),
         ({"feature_power": float("nan")}, "feature_power"),
     ],
 )

@@ -86,9 +86,13 @@ class Objective:
     def weight(self, name: str) -> float:
         return next(w for n, w, _ in self.terms if n == name)
 
-    def evaluate(self, context: Context) -> dict[str, Tensor]:
-        """Weighted value of every term, each ``(B,)``; zero-weight terms are skipped."""
-        return {name: weight * fn(context) for name, weight, fn in self.terms if weight != 0.0}
+    def evaluate(self, context: Context, scales: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+        """Weighted value of every term, each ``(B,)``; zero-weight terms are skipped. ``scales``
+        multiplies the weights of the terms it names (a schedule's factor for this step)."""
+        scales = scales or {}
+        return {
+            name: weight * scales.get(name, 1.0) * fn(context) for name, weight, fn in self.terms if weight != 0.0
+        }
 
     def __call__(self, context: Context) -> Tensor:
         """Total loss per image, ``(B,)``."""
