@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start image (default 0)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
+    inv.add_argument("--tv-start", type=positive_float, default=Settings.tv_start,
+                     help=f"TV weight of the first step as a multiple of --tv, falling to it by the last (default {Settings.tv_start:g}; 1: constant)")
     inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta, help=f"TV exponent β (default {Settings.tv_beta:g}; 1 gives spikes)")
     inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight, help=f"α-norm prior weight (default {Settings.alpha_weight:g})")
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
@@ -194,6 +196,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         optimizer=args.optimizer,
         lr=args.lr,
         tv_weight=args.tv,
+        tv_start=args.tv_start,
         tv_beta=args.tv_beta,
         alpha_weight=args.alpha_weight,
         alpha=args.alpha,
