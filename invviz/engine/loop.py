@@ -445,6 +445,10 @@ def _native_stepper(
     rest = Objective(tuple(term for term in objective.terms if term[0] not in {p[0] for p in priors.values()}))
     adam = _NativeAdam(pyramid.levels)
     tv_names = _tv_terms(rest)
+    # An absent prior has weight 0, which the kernel skips.
+    tv_name, tv_weight, tv_prior = priors.get("tv", ("", 0.0, PixelPrior("tv", 2.0)))
+    alpha_name, alpha_weight, alpha_prior = priors.get("alpha", ("", 0.0, PixelPrior("alpha", 6.0)))
+    alpha_scale = alpha_weight * alpha_prior.scale
 
     def take_step(step: int, rate: float, tv_factor: float) -> tuple[Tensor, dict[str, list[float]]]:
         images = pyramid.image().requires_grad_(True)
@@ -455,17 +459,14 @@ def _native_stepper(
         images = images.detach()
         found = {name: value.detach().cpu().tolist() for name, value in terms.items()}
         if priors:
-            tv_name, tv_weight, tv_prior = priors.get("tv", ("", 0.0, PixelPrior("tv", 2.0)))
-            tv_weight *= tv_factor
-            alpha_name, alpha_weight, alpha_prior = priors.get("alpha", ("", 0.0, PixelPrior("alpha", 6.0)))
+            tv_scale = tv_weight * tv_factor * tv_prior.scale
             tv_values, alpha_values = _native.priors(
-                images, grad, tv_weight * tv_prior.scale, tv_prior.exponent, TV_EPSILON,
-                alpha_weight * alpha_prior.scale, alpha_prior.exponent, MEAN_PIXEL,
+                images, grad, tv_scale, tv_prior.exponent, TV_EPSILON, alpha_scale, alpha_prior.exponent, MEAN_PIXEL
             )
             if tv_name:
-                found[tv_name] = (tv_values * (tv_weight * tv_prior.scale)).tolist()
+                found[tv_name] = (tv_values * tv_scale).tolist()
             if alpha_name:
-                found[alpha_name] = (alpha_values * (alpha_weight * alpha_prior.scale)).tolist()
+                found[alpha_name] = (alpha_values * alpha_scale).tolist()
         values = {name: found[name] for name in objective.names if name in found}
         check(values, step)
         adam.step(pyramid.gradients(grad), rate)
@@ -543,9 +544,8 @@ def invert(
     # The fused CPU kernels do the same arithmetic as the torch path in a fraction of the time.
     native = dev.type == "cpu" and settings.optimizer == "adam" and _native.usable(start)
     if dev.type == "cpu":
-        # Each step frees and reallocates the same buffers; glibc's adaptive thresholds otherwise
-        # hand some of them back to the system and fault them in again (measured: blocks.4 engine
-        # step 1.16x a bare forward+backward without this, 1.05x with it).
+        # Each step frees and reallocates the same buffers; have glibc keep them for reuse, as the
+        # background engine does (where, without it, a step paid ~3,400 page faults).
         keep_freed_memory()
     pyramid = _Pyramid(start, settings.pyramid_levels, native)
     generator = torch.Generator().manual_seed(settings.seed + 1)
@@ -582,7 +582,8 @@ def invert(
         if stop is not None and stop.is_set():
             stopped = True
             break
-        last_good, values = take_step(step, _learning_rate(settings, step), _tv_factor(settings, step) if scheduled else 1.0)
+        tv_factor = _tv_factor(settings, step) if scheduled else 1.0
+        last_good, values = take_step(step, _learning_rate(settings, step), tv_factor)
         steps = step + 1
         for name, per_image in values.items():
             history[name].append(per_image)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -195,7 +195,7 @@ def match(
     rectifier_slope: float = 0.0,
     power: float = 2.0,
 ) -> Objective:
-    """The paper's data term: normalized squared distance between ``rep(x)`` and ``target``.
+    """The paper's data term: the normalized distance between ``rep(x)`` and ``target``, to ``power``.
 
     ``target`` is a code ``(C, ...)`` or ``(B, C, ...)``; ``mask`` a boolean tensor broadcastable to
     the code ``(B, C, H, W)`` (e.g. ``(C, H, W)``, ``(1, H, W)`` or per image ``(B, C, H, W)``)
@@ -271,7 +271,7 @@ class PixelPrior:
     written-out gradients, they are the terms the loop may evaluate with fused CPU kernels
     (``_native``) instead of autograd; calling one evaluates it with torch."""
 
-    kind: str
+    kind: Literal["tv", "alpha"]
     exponent: float
 
     @property
