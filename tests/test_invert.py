@@ -161,6 +161,12 @@ def test_feature_power_defaults_to_one_with_adam_and_to_the_papers_two_with_its_
         assert result.history["feature"][-1][0] == pytest.approx(error**power, rel=1e-4)
 
 
+def test_pyramid_levels_default_to_the_representations() -> None:
+    assert Settings().resolved(representation("efficientnet_lite0:blocks.4")).pyramid_levels == 5
+    assert Settings().resolved(representation("hog")).pyramid_levels == 4
+    assert Settings(pyramid_levels=2).resolved(representation("hog")).pyramid_levels == 2
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_tv_weight_starts_at_tv_start_times_and_ends_at_tv_weight(photo, native, monkeypatch) -> None:
     from invviz.engine import _native

@@ -65,7 +65,8 @@ class Settings:
       feature error at every layer (e.g. blocks.4: 0.15 → 0.27 in 200 steps).
     - ``pyramid_levels``: the image is optimized as a sum of this many upsampled resolutions
       (1 = plain pixels, as the paper does); coarse levels let Adam move large structures as fast
-      as fine detail, which converges in fewer steps and to smoother images.
+      as fine detail, which converges in fewer steps and to smoother images. ``None``: the
+      representation's default (5 for CNN layers, 4 for HOG, HOGb and DSIFT).
     - ``feature_power``: the data term is ``(‖Φ(x) − Φ0‖ / ‖Φ0‖)^p``. ``None``: 1 with Adam, 2 (the
       paper's squared form) with the paper's optimizer. With the squared form the data term's pull
       fades with the error while the priors' does not, so the priors win the last steps: at 200
@@ -88,7 +89,7 @@ class Settings:
     alpha: float = 6.0
     jitter: int = 0
     seed: int = 0
-    pyramid_levels: int = 4
+    pyramid_levels: int | None = None
     rectifier_slope: float = 0.7
     feature_power: float | None = None
 
@@ -112,7 +113,8 @@ class Settings:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.iters is not None:
             integer("iters", self.iters, 1)
-        integer("pyramid_levels", self.pyramid_levels, 1, 8)
+        if self.pyramid_levels is not None:
+            integer("pyramid_levels", self.pyramid_levels, 1, 8)
         integer("jitter", self.jitter, 0)
         integer("seed", self.seed, 0)
         finite("lr", self.lr, positive=True)
@@ -133,6 +135,7 @@ class Settings:
             lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
             feature_power=self.feature_power if self.feature_power is not None else (2.0 if paper else 1.0),
+            pyramid_levels=self.pyramid_levels if self.pyramid_levels is not None else rep.default_pyramid_levels(),
         )
 
 
@@ -532,7 +535,7 @@ def invert(
         mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
         mask = mask.to(dev, torch.bool)
     settings = settings.resolved(rep)
-    assert settings.iters is not None
+    assert settings.iters is not None and settings.pyramid_levels is not None
     scheduled = objective is None  # a custom objective keeps its own weights
     objective = objective or default_objective(rep, target, mask, settings, (height, width))
 

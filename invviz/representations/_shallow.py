@@ -32,6 +32,9 @@ class ShallowRepresentation(Representation):
     def default_adam_lr(self) -> float | None:
         return ADAM_LR
 
+    def default_pyramid_levels(self) -> int:
+        return 4  # what HOG, HOGb and DSIFT were tuned and measured with (Table 1)
+
 
 def check_positive_int(name: str, value: int) -> int:
     """``value`` if it is a positive ``int``, else a ``ValueError`` naming ``name``."""
