@@ -32,6 +32,7 @@ from .objectives import (
     check_rectifier_slope,
     feature_error_squared,
     match,
+    term_values,
     tv,
 )
 
@@ -420,7 +421,7 @@ def _torch_stepper(
             group["lr"] = rate
         images = view(pyramid.image())
         terms = objective.evaluate(Context(shifted(images, step)), dict.fromkeys(tv_names, tv_factor))
-        values = {name: value.detach().cpu().tolist() for name, value in terms.items()}
+        values = term_values(terms)
         check(values, step)
         optimizer.zero_grad(set_to_none=True)
         torch.stack(list(terms.values())).sum(0).sum().backward()
@@ -445,7 +446,8 @@ def _native_stepper(
     for name, weight, fn in objective.terms:
         if fused_priors and isinstance(fn, PixelPrior) and fn.kind not in priors and weight != 0.0:
             priors[fn.kind] = (name, weight, fn)
-    rest = Objective(tuple(term for term in objective.terms if term[0] not in {p[0] for p in priors.values()}))
+    fused = {name for name, _, _ in priors.values()}
+    rest = Objective(tuple(term for term in objective.terms if term[0] not in fused))
     adam = _NativeAdam(pyramid.levels)
     tv_names = _tv_terms(rest)
     # An absent prior has weight 0, which the kernel skips.
@@ -460,7 +462,7 @@ def _native_stepper(
             torch.stack(list(terms.values())).sum(0).sum().backward()
         grad = images.grad if images.grad is not None else torch.zeros_like(images)
         images = images.detach()
-        found = {name: value.detach().cpu().tolist() for name, value in terms.items()}
+        found = term_values(terms)
         if priors:
             tv_scale = tv_weight * tv_factor * tv_prior.scale
             tv_values, alpha_values = _native.priors(
