@@ -47,7 +47,7 @@ def test_upsample_adjoint_is_the_gradient_of_upsampling(h, w, height, width) -> 
 
 @pytest.mark.parametrize("beta", [2.0, 1.0, 1.5])
 @pytest.mark.parametrize("alpha", [6.0, 2.0, 2.5])
-@pytest.mark.parametrize("size", [(5, 7), (2, 3), (32, 32)])
+@pytest.mark.parametrize("size", [(5, 7), (2, 3), (32, 32), (1, 6), (4, 1)])
 def test_fused_priors_equal_the_torch_priors(beta, alpha, size) -> None:
     torch.manual_seed(0)
     images = torch.rand(2, 3, *size, requires_grad=True)

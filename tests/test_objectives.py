@@ -84,6 +84,16 @@ def test_tv_value_by_hand() -> None:
     assert tv(1.0)(Context(x)).item() == pytest.approx(math.sqrt(3 * 0.3**2 + 1e-8) / VARIATION_SCALE)
 
 
+@pytest.mark.parametrize("beta", [2.0, 1.0])
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (1, 1)])
+def test_tv_of_a_single_row_or_column_is_zero(beta: float, shape: tuple[int, int]) -> None:
+    x = torch.rand(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    value = tv(beta)(Context(x))
+    value.sum().backward()
+    assert value.tolist() == [0.0, 0.0]
+    assert x.grad is not None and not x.grad.any()
+
+
 def test_alpha_norm_value_by_hand() -> None:
     x = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
     x[0, 0, 0, 1] += PIXEL_SCALE  # one of two pixels is one typical magnitude from the mean

@@ -228,10 +228,15 @@ class _TotalVariation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, beta: float, epsilon: float) -> Tensor:
+        ctx.shape = x.shape
+        if x.shape[-2] < 2 or x.shape[-1] < 2:
+            # No pixel has both a right and a lower neighbour: no variation (as the C kernel).
+            ctx.flat = True
+            return x.new_zeros(x.shape[0])
+        ctx.flat = False
         corner = x[..., :-1, :-1]
         dx = x[..., :-1, 1:] - corner
         dy = x[..., 1:, :-1] - corner
-        ctx.shape = x.shape
         if beta == 2.0:
             # s summed over pixels is two dot products: no per-pixel s is ever stored.
             flat_x, flat_y = dx.flatten(1)[:, None], dy.flatten(1)[:, None]
@@ -246,6 +251,8 @@ class _TotalVariation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.flat:
+            return grad.new_zeros(ctx.shape), None, None
         dx, dy, *slopes = ctx.saved_tensors
         batch, _, height, width = ctx.shape
         # d/dx of mean(s): 2 Δ / N per difference; per-image factor folded with the slope.
