@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 from . import register_representation
-from ._base import Representation
+from ._base import Representation, channels_last_on_cpu
 from ._geometry import Box, Window
 
 __all__ = [
@@ -259,7 +259,7 @@ class CaffeStyleNet(_TorchvisionRepresentation):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
-        return self.net(self.normalize(images))
+        return self.net(channels_last_on_cpu(self.normalize(images))).contiguous()
 
     def windows(self) -> Sequence[Window] | None:
         return self._windows
@@ -314,7 +314,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
 
         handle = self.network.get_submodule(self.layer).register_forward_hook(capture)
         try:
-            self.network(self.normalize(images))
+            self.network(channels_last_on_cpu(self.normalize(images)))
         except _StopForward:
             pass
         finally:
@@ -323,7 +323,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
             raise ValueError(f"{self.spec} does not run when {self.model} classifies an image")
         if not isinstance(captured[0], torch.Tensor):
             raise TypeError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor")
-        return captured[0]
+        return captured[0].contiguous()
 
     def windows(self) -> Sequence[Window] | None:
         # General graphs (residual branches, attention) are not a chain of windows; see receptive_field.
