@@ -62,7 +62,8 @@ def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image array, got {array.dtype}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0)
+    # Contiguous (3, H, W), not a permuted view of the (H, W, 3) pixels: the layout callers expect.
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0).contiguous()
 
 
 def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int | None = None) -> Tensor:

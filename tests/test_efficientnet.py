@@ -15,6 +15,7 @@ from support import gradient_support
 from torch import Tensor, nn
 
 from invviz import representation
+from invviz.images import load_image
 from invviz.representations._base import channels_last_on_cpu
 from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, SameConv2d, imagenet_weights_path
 
@@ -235,3 +236,24 @@ def test_depthwise_stride2_without_a_padded_copy_equals_the_copy(kernel: int, si
     torch.testing.assert_close(conv(x), reference)
     grad = torch.rand_like(reference)
     torch.testing.assert_close(torch.autograd.grad(conv(x), x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
+
+
+def test_cpu_codes_come_back_in_the_default_layout() -> None:
+    # The convolutions run channels-last on the CPU; callers still get plain contiguous codes and
+    # gradients in the layout of the images they passed.
+    rep = EfficientNetLite0("blocks.1", weights="random").eval()
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    code = rep(images)
+    assert code.is_contiguous() and code.shape == (2, 24, 16, 16)
+    code.square().sum().backward()
+    assert images.grad is not None and images.grad.is_contiguous()
+    with torch.no_grad():
+        reference = images * 2 - 1
+        for stage in rep.stages:
+            reference = stage(reference)  # the same network in torch's default layout
+    torch.testing.assert_close(code, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_loaded_images_are_plain_contiguous_tensors() -> None:
+    image = load_image(np.zeros((5, 7, 3), dtype=np.uint8))
+    assert image.shape == (3, 5, 7) and image.is_contiguous()
