@@ -57,8 +57,9 @@ def naive(rep, image: torch.Tensor, iters: int, device: str) -> torch.Tensor:  #
     return pixels.detach()[0].cpu()
 
 
-def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[float, float]:
-    """Median seconds per step: a bare forward+backward of the truncated net vs one engine step.
+def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[float, float, float]:
+    """Median seconds per step: a bare forward+backward of the truncated net, the same in torch's
+    default (NCHW) layout (the representation runs CPU convolutions channels-last), and one engine step.
 
     Interleaved step by step: after each engine step the callback times one bare pass on the same
     input, and the engine's step is timed from the end of one callback to the start of the next,
@@ -72,8 +73,16 @@ def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[floa
             torch.cuda.synchronize()
 
     bare: list[float] = []
+    default_layout: list[float] = []
     engine: list[float] = []
     resumed: list[float] = []
+
+    def nchw_pass() -> None:
+        # The same stages the representation runs, fed NCHW as they are (no layout change).
+        code = x * 2 - 1
+        for stage in rep.stages:
+            code = stage(code)
+        code.square().sum().backward()
 
     def interleave(step: Step) -> None:
         sync()
@@ -84,11 +93,16 @@ def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[floa
         rep(x).square().sum().backward()
         sync()
         bare.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        x.grad = None
+        nchw_pass()
+        sync()
+        default_layout.append(time.perf_counter() - began)
         resumed.append(time.perf_counter())
 
     invert(rep, image, settings=Settings(iters=repeats + 5), device=device, on_step=interleave)
     # The first steps warm up allocator and caches for both.
-    return statistics.median(bare[5:]), statistics.median(engine[5:])
+    return statistics.median(bare[5:]), statistics.median(default_layout[5:]), statistics.median(engine[5:])
 
 
 def main() -> None:
@@ -140,11 +154,16 @@ def main() -> None:
         print(row, flush=True)
 
     print("\nPer-iteration cost (224², batch 1): engine step vs bare forward+backward of the truncated net")
-    print(f"| {'layer':<9} | {'bare ms':>8} | {'engine ms':>9} | {'ratio':>5} |")
-    print("|-----------|----------|-----------|-------|")
+    print("(bare NCHW: the same net fed torch's default layout; the representation runs channels-last on the CPU)")
+    print(f"| {'layer':<9} | {'bare ms':>8} | {'bare NCHW ms':>12} | {'engine ms':>9} | {'ratio':>5} | {'vs NCHW':>7} |")
+    print("|-----------|----------|--------------|-----------|-------|---------|")
     for layer in ("blocks.4", "blocks.10", "head"):
-        bare, engine = per_iteration_cost(layer, args.device)
-        print(f"| {layer:<9} | {bare * 1e3:>8.1f} | {engine * 1e3:>9.1f} | {engine / bare:>5.2f} |", flush=True)
+        bare, nchw, engine = per_iteration_cost(layer, args.device)
+        print(
+            f"| {layer:<9} | {bare * 1e3:>8.1f} | {nchw * 1e3:>12.1f} | {engine * 1e3:>9.1f} | {engine / bare:>5.2f} "
+            f"| {engine / nchw:>7.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
