@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
     inv.add_argument("--rectifier-slope", type=non_negative_float, default=Settings.rectifier_slope,
-                     help=f"gradient let through to switched-off units of a code ending in ReLU6, 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient)")
+                     help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient)")
     inv.add_argument("--feature-power", type=positive_float,
                      help="data term (‖Φ(x) − Φ0‖ / ‖Φ0‖)^P (default: 1 with adam, 2, the paper's squared form, with paper)")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")

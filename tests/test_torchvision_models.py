@@ -14,6 +14,7 @@ import torchvision
 from support import gradient_support
 from torch import nn
 
+from invviz.engine.objectives import Context, match
 from invviz.representations._base import channels_last_on_cpu
 from invviz.representations.torchvision_models import (
     VGG16,
@@ -150,6 +151,29 @@ def test_vector_layers_see_the_whole_image() -> None:
     rep = AlexNet("fc6", weights="random")
     assert rep.windows() is None and rep.stride() == 32
     assert rep.receptive_field(0, 0, 224, 224).as_tuple() == (0, 0, 224, 224)
+
+
+@pytest.mark.parametrize("layer", ["relu2", "relu5", "relu6"])
+def test_relu_layers_expose_the_code_before_the_rectifier(layer: str) -> None:
+    rep = AlexNet(layer, weights="random").eval()
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        found = rep.pre_rectifier(images)
+        assert found is not None
+        pre, low, high = found
+        assert (low, high) == (0.0, float("inf")) and bool((pre < 0).any())
+        torch.testing.assert_close(pre.clamp(low, high), rep(images))
+    # With a rectifier slope the data term's gradient also reaches units the ReLU switched off.
+    target = rep(torch.rand(1, 3, 96, 96)).detach()
+    x = images[:1].clone().requires_grad_(True)
+    exact = torch.autograd.grad(match(rep, target)(Context(x)).sum(), x)[0]
+    reviving = torch.autograd.grad(match(rep, target, rectifier_slope=0.7)(Context(x)).sum(), x)[0]
+    assert not torch.allclose(exact, reviving)
+
+
+def test_layers_without_a_final_rectifier_have_no_pre_rectifier() -> None:
+    for layer in ("conv5", "pool5", "fc8"):
+        assert AlexNet(layer, weights="random").pre_rectifier(torch.rand(1, 3, 64, 64)) is None
 
 
 def test_weights_file_round_trip(tmp_path: Path) -> None:

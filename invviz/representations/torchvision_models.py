@@ -14,6 +14,7 @@ Weights (``weights=`` of every class here):
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -260,6 +261,12 @@ class CaffeStyleNet(_TorchvisionRepresentation):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
         return self.net(channels_last_on_cpu(self.normalize(images))).contiguous()
+
+    def pre_rectifier(self, images: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+        """For the ``relu*`` layers: the code before that ReLU, with its bounds (0, ∞)."""
+        if not isinstance(self.net[-1], nn.ReLU):
+            return None
+        return self.net[:-1](channels_last_on_cpu(self.normalize(images))).contiguous(), 0.0, math.inf
 
     def windows(self) -> Sequence[Window] | None:
         return self._windows
