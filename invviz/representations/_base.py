@@ -20,12 +20,13 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     Torch's CPU convolutions (oneDNN) run channels-last inputs faster, forward and backward: on
     this 2-core machine Lite0 blocks.4 / head forward+backward took 36 / 54 ms NCHW and 25 / 39 ms
     channels-last, VGG16 conv3_3 254 / 195 ms, AlexNet conv5 30 / 28 ms (224², batch 1). The
-    values are the same up to float summation order; the gradient comes back in ``x``'s layout. Callers return their code ``.contiguous()``
-    (the default layout), as every user of a code expects.
+    values are the same up to float summation order; the gradient comes back in ``x``'s layout.
+    Callers return their code ``.contiguous()`` (the default layout), as every user of a code expects.
     """
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
 
 class Representation(nn.Module):
     """An image representation Φ: images ``(B, 3, H, W)`` with values in [0, 1] to a code.

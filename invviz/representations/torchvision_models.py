@@ -166,8 +166,9 @@ class _TorchvisionRepresentation(Representation):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [0, 1] to the statistics torchvision's ImageNet models were trained on."""
-        return (images - self.mean) / self.std
+        """``(B, 3, H, W)`` in [0, 1] to the network's input: the statistics torchvision's ImageNet
+        models were trained on, channels-last on the CPU (see ``channels_last_on_cpu``)."""
+        return channels_last_on_cpu((images - self.mean) / self.std)
 
 
 # --- AlexNet and VGG16 with caffe names ---------------------------------------------------------
@@ -260,13 +261,13 @@ class CaffeStyleNet(_TorchvisionRepresentation):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
-        return self.net(channels_last_on_cpu(self.normalize(images))).contiguous()
+        return self.net(self.normalize(images)).contiguous()
 
     def pre_rectifier(self, images: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
         """For the ``relu*`` layers: the code before that ReLU, with its bounds (0, ∞)."""
         if not isinstance(self.net[-1], nn.ReLU):
             return None
-        return self.net[:-1](channels_last_on_cpu(self.normalize(images))).contiguous(), 0.0, math.inf
+        return self.net[:-1](self.normalize(images)).contiguous(), 0.0, math.inf
 
     def windows(self) -> Sequence[Window] | None:
         return self._windows
@@ -321,7 +322,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
 
         handle = self.network.get_submodule(self.layer).register_forward_hook(capture)
         try:
-            self.network(channels_last_on_cpu(self.normalize(images)))
+            self.network(self.normalize(images))
         except _StopForward:
             pass
         finally:
