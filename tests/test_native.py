@@ -91,7 +91,8 @@ def test_adam_is_torch_adam() -> None:
 
 
 def test_a_native_step_equals_the_torch_step() -> None:
-    """Same start, same objective: the native pyramid, priors and Adam give the torch path's image."""
+    """Same start, same objective: the native pyramid, priors, level gradients and Adam give the
+    torch path's image, gradients and updated levels."""
     rep = representation("efficientnet_lite0:blocks.1")
     photo = sample_image("chelsea", 40)
     settings = Settings(iters=3).resolved(rep)
@@ -99,7 +100,10 @@ def test_a_native_step_equals_the_torch_step() -> None:
         target = rep(photo[None])
     objective = default_objective(rep, target, None, settings, (40, 40))
     start = random_start(1, 3, 40, 40, seed=0) * 1.6 - 0.3  # some pixels outside [0, 1] to clamp
-    images = []
+    lr = 0.03
+    tv, alpha = objective.terms[1], objective.terms[2]
+    torch_priors: list[float] = []  # the torch path's TV and α values, unweighted
+    results = []
     for native in (False, True):
         pyramid = _Pyramid(start, 3, native)
         with torch.no_grad():
@@ -113,18 +117,42 @@ def test_a_native_step_equals_the_torch_step() -> None:
             del terms["tv"], terms["alpha"]
         torch.stack(list(terms.values())).sum().backward()
         if native:
-            grad = image.grad.clone()
-            tv, alpha = objective.terms[1], objective.terms[2]
-            _native.priors(image.detach(), grad, tv[1] * tv[2].scale, 2.0, TV_EPSILON, alpha[1] * alpha[2].scale,
-                           6.0, MEAN_PIXEL)
-            grads = pyramid.gradients(grad)
+            assert pyramid.fused is not None
+            values = pyramid.fused.update(
+                image.detach(), image.grad, lr, (tv[1] * tv[2].scale, 2.0, TV_EPSILON, alpha[1] * alpha[2].scale, 6.0)
+            )
+            assert [v[0] for v in values] == pytest.approx(torch_priors, rel=1e-5)
+            grads = [image.grad, *pyramid.fused.grads[1:]]
         else:
-            grads = [level.grad for level in pyramid.levels]
-        images.append((image.detach().clone(), grads))
-    (torch_image, torch_grads), (native_image, native_grads) = images
+            torch_priors = [terms[name].item() / weight / fn.scale for name, weight, fn in (tv, alpha)]
+            grads = [level.grad.clone() for level in pyramid.levels]
+            torch.optim.Adam(pyramid.levels, lr=lr).step()
+        results.append((image.detach().clone(), grads, [level.detach().clone() for level in pyramid.levels]))
+    (torch_image, torch_grads, torch_levels), (native_image, native_grads, native_levels) = results
     assert torch.allclose(native_image, torch_image, atol=1e-6)
     for expected, got in zip(torch_grads, native_grads):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    for expected, got in zip(torch_levels, native_levels):
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_kernels_give_the_same_bits_on_one_thread_and_on_several(monkeypatch) -> None:
+    """The row split changes nothing: one thread and two give identical images, gradients and values."""
+    start = random_start(2, 3, 67, 50, seed=3) * 1.6 - 0.3
+    outcomes = []
+    for threaded in (False, True):
+        monkeypatch.setattr(_native, "threads", lambda threaded=threaded: 2 if threaded else 1)
+        pyramid = _Pyramid(start, 4, native=True)
+        assert pyramid.fused is not None
+        with torch.no_grad():
+            for index, level in enumerate(pyramid.levels[1:]):
+                level.copy_(torch.randn(level.shape, generator=torch.Generator().manual_seed(index)) * 0.1)
+        image = pyramid.image()
+        grad = torch.randn(image.shape, generator=torch.Generator().manual_seed(9))
+        values = pyramid.fused.update(image, grad, 0.03, (0.5, 1.0, 1e-6, 0.2, 6.0))
+        outcomes.append([image, grad, *map(torch.tensor, values), *[level.clone() for level in pyramid.levels], *pyramid.fused.grads[1:]])
+    for single, several in zip(*outcomes):
+        assert torch.equal(single, several)
 
 
 @pytest.mark.parametrize("spec", ["efficientnet_lite0:blocks.1", "hog"])

@@ -7,9 +7,18 @@
  * All arrays are contiguous float32; images are planes of H x W (batch x channels of them).
  * invviz/engine/_native.py compiles this file on first use and checks every kernel against the
  * torch formulation in tests/test_native.py.
+ *
+ * Threads: every kernel takes `threads` and splits its rows (or elements) over that many OpenMP
+ * threads when built with -fopenmp; the Python side passes torch's thread count only where this
+ * library shares torch's OpenMP runtime (so the threads are torch's own pool), 1 otherwise.
+ * Every output element is computed by one thread in the same order whatever the split, and sums
+ * are taken per row and added up serially, so results do not depend on the thread count.
  */
 #include <math.h>
 #include <stddef.h>
+
+/* Below this many elements a parallel region costs more than it saves. */
+#define PARALLEL_MIN 16384
 
 /* 2x bilinear upsampling (align_corners = false) of one h x w plane to H x W, H in {2h - 1, 2h}:
  * output row 2i blends source rows i (3/4) and i - 1 (1/4), row 2i + 1 rows i and i + 1, indices
@@ -37,48 +46,52 @@ static void upsample_row(const float *row, int w, float *out, int W)
         out[W - 1] = row[w - 1];
 }
 
-/* out = fine + up(coarse), one plane; with clamp != 0 the sum is clamped to [0, 1] and the part
- * cut off is moved into fine (so fine + up(coarse) equals the returned image exactly).
- * `row` is scratch for w + W floats. */
-static void upsample_add_plane(const float *coarse, int h, int w, float *fine, float *out, int H, int W,
-                               float *row, int clamp)
+/* One output row Y of out = fine + up(coarse) for one plane; with clamp != 0 the sum is clamped
+ * to [0, 1] and the part cut off is moved into fine (so fine + up(coarse) equals the returned
+ * image exactly). `row` is scratch for w + W floats. */
+static void upsample_add_row(const float *coarse, int h, int w, float *fine, float *out, int Y, int W, float *row,
+                             int clamp)
 {
     float *wide = row + w;
-    for (int Y = 0; Y < H; ++Y) {
-        int near, far;
-        source_rows(Y, h, &near, &far);
-        const float *a = coarse + (size_t)near * w, *b = coarse + (size_t)far * w;
-        for (int j = 0; j < w; ++j)
-            row[j] = 0.75f * a[j] + 0.25f * b[j];
-        upsample_row(row, w, wide, W);
-        float *f = fine + (size_t)Y * W, *o = out + (size_t)Y * W;
-        if (clamp) {
-            for (int X = 0; X < W; ++X) {
-                float value = f[X] + wide[X];
-                float clamped = value < 0.0f ? 0.0f : value;
-                clamped = clamped > 1.0f ? 1.0f : clamped;
-                f[X] += clamped - value;
-                o[X] = clamped;
-            }
-        } else {
-            for (int X = 0; X < W; ++X)
-                o[X] = f[X] + wide[X];
+    int near, far;
+    source_rows(Y, h, &near, &far);
+    const float *a = coarse + (size_t)near * w, *b = coarse + (size_t)far * w;
+    for (int j = 0; j < w; ++j)
+        row[j] = 0.75f * a[j] + 0.25f * b[j];
+    upsample_row(row, w, wide, W);
+    float *f = fine + (size_t)Y * W, *o = out + (size_t)Y * W;
+    if (clamp) {
+        for (int X = 0; X < W; ++X) {
+            float value = f[X] + wide[X];
+            float clamped = value < 0.0f ? 0.0f : value;
+            clamped = clamped > 1.0f ? 1.0f : clamped;
+            f[X] += clamped - value;
+            o[X] = clamped;
         }
+    } else {
+        for (int X = 0; X < W; ++X)
+            o[X] = f[X] + wide[X];
     }
 }
 
-/* One composition step for `planes` planes: out = fine + up(coarse) (see upsample_add_plane). */
+/* One composition step for `planes` planes: out = fine + up(coarse) (see upsample_add_row). */
 void invviz_upsample_add(const float *coarse, int h, int w, float *fine, float *out, int H, int W, int planes,
-                         float *row, int clamp)
+                         int clamp, int threads)
 {
-    for (int p = 0; p < planes; ++p)
-        upsample_add_plane(coarse + (size_t)p * h * w, h, w, fine + (size_t)p * H * W, out + (size_t)p * H * W,
-                           H, W, row, clamp);
+    long rows = (long)planes * H;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && rows * W >= PARALLEL_MIN) schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        long p = r / H;
+        float row[w + W];
+        upsample_add_row(coarse + (size_t)p * h * w, h, w, fine + (size_t)p * H * W, out + (size_t)p * H * W,
+                         (int)(r % H), W, row, clamp);
+    }
 }
 
 /* Clamp to [0, 1], moving the excess into `fine` (the pyramid with one level). */
-void invviz_clamp_into(float *fine, float *out, size_t count)
+void invviz_clamp_into(float *fine, float *out, size_t count, int threads)
 {
+#pragma omp parallel for num_threads(threads) if (threads > 1 && count >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; ++i) {
         float value = fine[i];
         float clamped = value < 0.0f ? 0.0f : (value > 1.0f ? 1.0f : value);
@@ -101,214 +114,66 @@ static void upsample_row_adjoint(const float *out, int W, float *row, int w)
     row[j] = 0.25f * out[2 * j - 1] + 0.75f * out[2 * j] + (W == 2 * w ? out[W - 1] : 0.0f);
 }
 
-/* Adjoint of invviz_upsample_add's upsampling: coarse (h x w) = up^T(grad (H x W)), per plane.
- * `row` is scratch for w floats. */
-void invviz_upsample_adjoint(const float *grad, int H, int W, float *coarse, int h, int w, int planes, float *row)
+/* Coarse row r (of planes x h) of up^T: the sum of the fine rows whose source rows (source_rows)
+ * include it, 3/4 as the near row and 1/4 as the far one, from `rows` (planes x H x w), each fine
+ * row's column adjoint. */
+static void gather_coarse_row(const float *rows, int H, float *coarse, int h, int w, long r)
 {
-    for (int p = 0; p < planes; ++p) {
-        const float *g = grad + (size_t)p * H * W;
-        float *c = coarse + (size_t)p * h * w;
-        for (size_t i = 0; i < (size_t)h * w; ++i)
-            c[i] = 0.0f;
-        for (int Y = 0; Y < H; ++Y) {
-            upsample_row_adjoint(g + (size_t)Y * W, W, row, w);
-            int near, far;
-            source_rows(Y, h, &near, &far);
-            float *a = c + (size_t)near * w, *b = c + (size_t)far * w;
-            for (int j = 0; j < w; ++j)
-                a[j] += 0.75f * row[j];
-            for (int j = 0; j < w; ++j)
-                b[j] += 0.25f * row[j];
-        }
-    }
-}
-
-/* TV with beta = 2 on one plane in one sweep: s^(beta/2) = s is a sum over planes, so each plane
- * adds its own sum of dx^2 + dy^2, and its gradient is k times a Laplacian-like stencil (with the
- * terms of corners that exist). Returns the plane's sum over corners. */
-static double quadratic_tv_plane(const float *p, float *g, int H, int W, float k)
-{
-    int rows = H - 1, cols = W - 1;
-    double sum = 0.0;
-    for (int i = 0; i < H; ++i) {
-        const float *r = p + (size_t)i * W;
-        float *o = g + (size_t)i * W;
-        if (i < rows) {
-            double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < cols; ++j) {
-                float dx = r[j + 1] - r[j], dy = r[j + W] - r[j];
-                acc += (double)(dx * dx + dy * dy);
-            }
-            sum += acc;
-        }
-        if (i > 0 && i < rows) {
-            /* Interior row: every corner exists except the one right of the last column. */
-            o[0] += k * ((r[0] - r[1]) + (r[0] - r[W]) + (r[0] - r[-W]));
-            for (int j = 1; j < cols; ++j)
-                o[j] += k * (4.0f * r[j] - r[j + 1] - r[j - 1] - r[j + W] - r[j - W]);
-            o[cols] += k * (r[cols] - r[cols - 1]);
+    long p = r / h;
+    int i = (int)(r % h);
+    float *c = coarse + (size_t)r * w;
+    for (int j = 0; j < w; ++j)
+        c[j] = 0.0f;
+    int first = 2 * i - 2 < 0 ? 0 : 2 * i - 2, last = 2 * i + 3 < H ? 2 * i + 3 : H;
+    for (int Y = first; Y < last; ++Y) {
+        int near, far;
+        source_rows(Y, h, &near, &far);
+        float weight = (near == i ? 0.75f : 0.0f) + (far == i ? 0.25f : 0.0f);
+        if (weight == 0.0f)
             continue;
-        }
-        if (i < rows) { /* first row: no corners above */
-            for (int j = 0; j < cols; ++j)
-                o[j] -= k * ((r[j + 1] - r[j]) + (r[j + W] - r[j]));
-            for (int j = 1; j <= cols; ++j)
-                o[j] += k * (r[j] - r[j - 1]);
-        }
-        if (i > 0) { /* last row: only the corners above */
-            for (int j = 0; j < cols; ++j)
-                o[j] += k * (r[j] - r[j - W]);
-        }
+        const float *g = rows + ((size_t)p * H + Y) * w;
+        for (int j = 0; j < w; ++j)
+            c[j] += weight * g[j];
     }
-    return sum;
 }
 
-/* Total variation of one image of C planes: value = mean over corners (i < H-1, j < W-1) of
- * s^(beta/2), s = sum over planes of dx^2 + dy^2 (+ epsilon when beta != 2); `weight` times its
- * gradient is added to grad. `slope` is scratch for (H-1) x (W-1) floats. Returns the value. */
-static double total_variation(const float *x, float *grad, int C, int H, int W, double beta, double epsilon,
-                              double weight, float *slope)
+/* Adjoint of invviz_upsample_add's upsampling: coarse (h x w) = up^T(grad (H x W)), per plane.
+ * First each fine row's column adjoint goes to `rows` (planes x H x w scratch); then each coarse
+ * row gathers them (gather_coarse_row). Both passes split over rows, each output written by one
+ * thread. */
+void invviz_upsample_adjoint(const float *grad, int H, int W, float *coarse, int h, int w, int planes, float *rows,
+                             int threads)
 {
-    size_t plane = (size_t)H * W, corners = (size_t)(H - 1) * (W - 1);
-    int rows = H - 1, cols = W - 1;
-    if (beta == 2.0) {
-        double sum = 0.0;
-        float k = (float)(2.0 * weight / (double)corners);
-        for (int c = 0; c < C; ++c)
-            sum += quadratic_tv_plane(x + c * plane, grad + c * plane, H, W, k);
-        return sum / (double)corners;
-    }
-    for (size_t k = 0; k < corners; ++k)
-        slope[k] = 0.0f;
-    for (int c = 0; c < C; ++c)
-        for (int i = 0; i < rows; ++i) {
-            const float *r = x + c * plane + (size_t)i * W;
-            float *s = slope + (size_t)i * cols;
-            for (int j = 0; j < cols; ++j) {
-                float dx = r[j + 1] - r[j], dy = r[j + W] - r[j];
-                s[j] += dx * dx + dy * dy;
-            }
-        }
-    /* From s to the value and, per corner, the gradient factor (beta/2) s^(beta/2 - 1) times
-     * 2 weight / corners (the 2 from d(dx^2)/d(dx)). */
-    double sum = 0.0;
-    float scale = (float)(2.0 * weight / (double)corners), half = (float)(beta / 2.0), eps = (float)epsilon;
-    if (beta == 1.0) {
-#pragma omp simd reduction(+ : sum)
-        for (size_t k = 0; k < corners; ++k) {
-            float s = slope[k] + eps, powered = sqrtf(s);
-            sum += powered;
-            slope[k] = scale * 0.5f * powered / s;
-        }
-    } else {
-        for (size_t k = 0; k < corners; ++k) {
-            float s = slope[k] + eps, powered = powf(s, half);
-            sum += powered;
-            slope[k] = scale * half * powered / s;
-        }
-    }
-    /* Each pixel's gradient: -k (dx + dy) of the corner at it, +k dx of the corner to its left,
-     * +k dy of the corner above it (where those corners exist). */
-    for (int c = 0; c < C; ++c)
-        for (int i = 0; i < H; ++i) {
-            const float *r = x + c * plane + (size_t)i * W;
-            float *o = grad + c * plane + (size_t)i * W;
-            const float *k = slope + (size_t)i * cols;
-            if (i < rows) {
-                for (int j = 0; j < cols; ++j)
-                    o[j] -= k[j] * ((r[j + 1] - r[j]) + (r[j + W] - r[j]));
-                for (int j = 1; j <= cols; ++j)
-                    o[j] += k[j - 1] * (r[j] - r[j - 1]);
-            }
-            if (i > 0) {
-                const float *above = k - cols;
-                for (int j = 0; j < cols; ++j)
-                    o[j] += above[j] * (r[j] - r[j - W]);
-            }
-        }
-    return sum / (double)corners;
-}
-
-/* Alpha-norm of one image of C planes: value = mean over pixels of (sum_c (x_c - mean_c)^2)^(alpha/2);
- * `weight` times its gradient is added to grad. Row by row, so that each row of every plane is
- * read from memory once; `slope` is scratch for W floats. Returns the value. */
-static double alpha_norm(const float *x, float *grad, int C, int H, int W, double alpha, const float *mean,
-                         double weight, float *slope)
-{
-    size_t plane = (size_t)H * W;
-    double sum = 0.0;
-    /* Per pixel: alpha s^(alpha/2 - 1) times weight / pixels (d/dc of s^(alpha/2) is that times c). */
-    float scale = (float)(weight * alpha / (double)plane), half = (float)(alpha / 2.0);
-    for (int i = 0; i < H; ++i) {
-        size_t offset = (size_t)i * W;
-        for (int j = 0; j < W; ++j)
-            slope[j] = 1e-12f;
-        for (int c = 0; c < C; ++c) {
-            const float *p = x + c * plane + offset;
-            float centre = mean[c];
-            for (int j = 0; j < W; ++j) {
-                float d = p[j] - centre;
-                slope[j] += d * d;
-            }
-        }
-        double acc = 0.0;
-        if (alpha == 6.0) {
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < W; ++j) {
-                float s = slope[j], squared = s * s;
-                acc += squared * s;
-                slope[j] = scale * squared;
-            }
-        } else if (alpha == 2.0) {
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < W; ++j) {
-                acc += slope[j];
-                slope[j] = scale;
-            }
-        } else {
-            for (int j = 0; j < W; ++j) {
-                float s = slope[j], powered = powf(s, half);
-                acc += powered;
-                slope[j] = scale * powered / s;
-            }
-        }
-        sum += acc;
-        for (int c = 0; c < C; ++c) {
-            const float *p = x + c * plane + offset;
-            float *g = grad + c * plane + offset, centre = mean[c];
-            for (int j = 0; j < W; ++j)
-                g[j] += slope[j] * (p[j] - centre);
-        }
-    }
-    return sum / (double)plane;
-}
-
-/* Both pixel priors for a batch (B, C, H, W): values (unweighted, unnormalized by the caller's
- * scales) go to tv_out[b] and alpha_out[b]; weight times each gradient is added to grad.
- * A zero weight skips that prior (its value is left at 0). */
-void invviz_priors(const float *x, float *grad, int B, int C, int H, int W, double tv_weight, double beta,
-                   double epsilon, double alpha_weight, double alpha, const float *mean, float *slope,
-                   double *tv_out, double *alpha_out)
-{
-    size_t image = (size_t)C * H * W;
-    for (int b = 0; b < B; ++b) {
-        tv_out[b] = tv_weight != 0.0 && H > 1 && W > 1
-                        ? total_variation(x + b * image, grad + b * image, C, H, W, beta, epsilon, tv_weight, slope)
-                        : 0.0;
-        alpha_out[b] = alpha_weight != 0.0
-                           ? alpha_norm(x + b * image, grad + b * image, C, H, W, alpha, mean, alpha_weight, slope)
-                           : 0.0;
+    long fine_rows = (long)planes * H, coarse_rows = (long)planes * h;
+#pragma omp parallel num_threads(threads) if (threads > 1 && fine_rows * W >= PARALLEL_MIN)
+    {
+#pragma omp for schedule(static)
+        for (long r = 0; r < fine_rows; ++r)
+            upsample_row_adjoint(grad + (size_t)r * W, W, rows + (size_t)r * w, w);
+#pragma omp for schedule(static)
+        for (long r = 0; r < coarse_rows; ++r)
+            gather_coarse_row(rows, H, coarse, h, w, r);
     }
 }
 
-/* One Adam step (torch.optim.Adam's update, no weight decay) over `count` parameters. */
-void invviz_adam(float *param, const float *grad, float *first, float *second, size_t count, double lr,
-                 double beta1, double beta2, double epsilon, int step)
+/* Adam's constants for one step (torch.optim.Adam's update, no weight decay). */
+struct adam_step {
+    float size, root, eps, keep, b2, keep2;
+};
+
+static struct adam_step adam_constants(double lr, double beta1, double beta2, double epsilon, int step)
 {
     double correction1 = 1.0 - pow(beta1, step), correction2 = 1.0 - pow(beta2, step);
-    float size = (float)(lr / correction1), root = (float)sqrt(correction2), eps = (float)epsilon;
-    float keep = (float)(1.0 - beta1), b2 = (float)beta2, keep2 = (float)(1.0 - beta2);
+    struct adam_step a = {(float)(lr / correction1), (float)sqrt(correction2), (float)epsilon, (float)(1.0 - beta1),
+                          (float)beta2, (float)(1.0 - beta2)};
+    return a;
+}
+
+/* Adam's update of `count` elements. */
+static void adam_run(float *param, const float *grad, float *first, float *second, size_t count,
+                     const struct adam_step *a)
+{
+    float size = a->size, root = a->root, eps = a->eps, keep = a->keep, b2 = a->b2, keep2 = a->keep2;
 #pragma omp simd
     for (size_t i = 0; i < count; ++i) {
         float g = grad[i];
@@ -318,4 +183,310 @@ void invviz_adam(float *param, const float *grad, float *first, float *second, s
         second[i] = v;
         param[i] -= size * m / (sqrtf(v) / root + eps);
     }
+}
+
+/* What a step does to the finest level once a row of its gradient is final: the row's column
+ * adjoint (toward the next level, when `rows` is given) and its Adam update (when `param` is). */
+struct finish_rows {
+    float *param, *first, *second, *rows;
+    int w; /* the next level's width */
+    struct adam_step adam;
+};
+
+static void finish_row(const struct finish_rows *f, const float *grad, size_t plane, int C, int H, int W, int i)
+{
+    for (int c = 0; c < C; ++c) {
+        size_t offset = c * plane + (size_t)i * W;
+        if (f->rows)
+            upsample_row_adjoint(grad + offset, W, f->rows + ((size_t)c * H + i) * f->w, f->w);
+        if (f->param)
+            adam_run(f->param + offset, grad + offset, f->first + offset, f->second + offset, (size_t)W, &f->adam);
+    }
+}
+
+/* Quadratic TV (beta = 2) on row i of one plane: s^(beta/2) = s is a sum over planes, so each
+ * plane adds its own sum of dx^2 + dy^2 over the row's corners, and its gradient is k times a
+ * Laplacian-like stencil (with the terms of corners that exist). Writes only row i of g; returns
+ * the row's sum over corners (0 for the last row, which has none). */
+static double quadratic_tv_row(const float *p, float *g, int H, int W, float k, int i)
+{
+    int rows = H - 1, cols = W - 1;
+    const float *r = p + (size_t)i * W;
+    float *o = g + (size_t)i * W;
+    double acc = 0.0;
+    if (i < rows) {
+#pragma omp simd reduction(+ : acc)
+        for (int j = 0; j < cols; ++j) {
+            float dx = r[j + 1] - r[j], dy = r[j + W] - r[j];
+            acc += (double)(dx * dx + dy * dy);
+        }
+    }
+    if (i > 0 && i < rows) {
+        /* Interior row: every corner exists except the one right of the last column. */
+        o[0] += k * ((r[0] - r[1]) + (r[0] - r[W]) + (r[0] - r[-W]));
+        for (int j = 1; j < cols; ++j)
+            o[j] += k * (4.0f * r[j] - r[j + 1] - r[j - 1] - r[j + W] - r[j - W]);
+        o[cols] += k * (r[cols] - r[cols - 1]);
+        return acc;
+    }
+    if (i < rows) { /* first row: no corners above */
+        for (int j = 0; j < cols; ++j)
+            o[j] -= k * ((r[j + 1] - r[j]) + (r[j + W] - r[j]));
+        for (int j = 1; j <= cols; ++j)
+            o[j] += k * (r[j] - r[j - 1]);
+    }
+    if (i > 0) { /* last row: only the corners above */
+        for (int j = 0; j < cols; ++j)
+            o[j] += k * (r[j] - r[j - W]);
+    }
+    return acc;
+}
+
+/* Corner row i of TV with beta != 2: s = sum over planes of dx^2 + dy^2 (+ epsilon) per corner,
+ * turned in place into the gradient factor (beta/2) s^(beta/2 - 1) times `scale`. Returns the
+ * row's sum of s^(beta/2). */
+static double tv_corner_row(const float *x, size_t plane, int C, int W, int i, double beta, float eps, float scale,
+                            float *s)
+{
+    int cols = W - 1;
+    for (int j = 0; j < cols; ++j)
+        s[j] = 0.0f;
+    for (int c = 0; c < C; ++c) {
+        const float *r = x + c * plane + (size_t)i * W;
+        for (int j = 0; j < cols; ++j) {
+            float dx = r[j + 1] - r[j], dy = r[j + W] - r[j];
+            s[j] += dx * dx + dy * dy;
+        }
+    }
+    double sum = 0.0;
+    float half = (float)(beta / 2.0);
+    if (beta == 1.0) {
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < cols; ++j) {
+            float v = s[j] + eps, powered = sqrtf(v);
+            sum += powered;
+            s[j] = scale * 0.5f * powered / v;
+        }
+    } else {
+        for (int j = 0; j < cols; ++j) {
+            float v = s[j] + eps, powered = powf(v, half);
+            sum += powered;
+            s[j] = scale * half * powered / v;
+        }
+    }
+    return sum;
+}
+
+/* Gradient of TV with beta != 2 on row i of every plane, from the corner factors `slope`
+ * ((H-1) x (W-1)): -k (dx + dy) of the corner at a pixel, +k dx of the corner to its left, +k dy
+ * of the corner above it (where those corners exist). */
+static void tv_gradient_row(const float *x, float *grad, size_t plane, int C, int H, int W, int i,
+                            const float *slope)
+{
+    int rows = H - 1, cols = W - 1;
+    for (int c = 0; c < C; ++c) {
+        const float *r = x + c * plane + (size_t)i * W;
+        float *o = grad + c * plane + (size_t)i * W;
+        const float *k = slope + (size_t)i * cols;
+        if (i < rows) {
+            for (int j = 0; j < cols; ++j)
+                o[j] -= k[j] * ((r[j + 1] - r[j]) + (r[j + W] - r[j]));
+            for (int j = 1; j <= cols; ++j)
+                o[j] += k[j - 1] * (r[j] - r[j - 1]);
+        }
+        if (i > 0) {
+            const float *above = k - cols;
+            for (int j = 0; j < cols; ++j)
+                o[j] += above[j] * (r[j] - r[j - W]);
+        }
+    }
+}
+
+/* Alpha-norm on row i of one image of C planes: adds the row's share of `scale` times the gradient
+ * of sum over pixels of (sum_c (x_c - mean_c)^2)^(alpha/2) to grad, reading each plane's row once;
+ * `slope` is scratch for W floats. Returns the row's sum. */
+static double alpha_norm_row(const float *x, float *grad, size_t plane, int C, int W, int i, double alpha,
+                             const float *mean, float scale, float *slope)
+{
+    size_t offset = (size_t)i * W;
+    float half = (float)(alpha / 2.0);
+    for (int j = 0; j < W; ++j)
+        slope[j] = 1e-12f;
+    for (int c = 0; c < C; ++c) {
+        const float *p = x + c * plane + offset;
+        float centre = mean[c];
+        for (int j = 0; j < W; ++j) {
+            float d = p[j] - centre;
+            slope[j] += d * d;
+        }
+    }
+    /* Per pixel: alpha s^(alpha/2 - 1) times weight / pixels (d/dc of s^(alpha/2) is that times c). */
+    double acc = 0.0;
+    if (alpha == 6.0) {
+#pragma omp simd reduction(+ : acc)
+        for (int j = 0; j < W; ++j) {
+            float s = slope[j], squared = s * s;
+            acc += squared * s;
+            slope[j] = scale * squared;
+        }
+    } else if (alpha == 2.0) {
+#pragma omp simd reduction(+ : acc)
+        for (int j = 0; j < W; ++j) {
+            acc += slope[j];
+            slope[j] = scale;
+        }
+    } else {
+        for (int j = 0; j < W; ++j) {
+            float s = slope[j], powered = powf(s, half);
+            acc += powered;
+            slope[j] = scale * powered / s;
+        }
+    }
+    for (int c = 0; c < C; ++c) {
+        const float *p = x + c * plane + offset;
+        float *g = grad + c * plane + offset, centre = mean[c];
+        for (int j = 0; j < W; ++j)
+            g[j] += slope[j] * (p[j] - centre);
+    }
+    return acc;
+}
+
+/* Both pixel priors of one image (C, H, W) in one sweep over its rows (two with beta != 2, which
+ * needs every corner's factor first): TV^beta = mean over corners (i < H-1, j < W-1) of
+ * s^(beta/2), s = sum over planes of dx^2 + dy^2 (+ epsilon when beta != 2), and the alpha-norm =
+ * mean over pixels of (sum_c (x_c - mean_c)^2)^(alpha/2); each weight times its gradient is added to
+ * grad, a zero weight skips that prior (its value stays 0). `slope` is scratch for (H-1) x (W-1)
+ * floats, `sums` for 2 H doubles (per-row sums, added up serially). With `finish`, each row of
+ * the gradient is passed on (finish_row) as soon as it is final, while it is in cache. */
+static void image_priors(const float *x, float *grad, int C, int H, int W, double tv_weight, double beta,
+                         double epsilon, double alpha_weight, double alpha, const float *mean, float *slope,
+                         double *sums, double *tv_out, double *alpha_out, const struct finish_rows *finish,
+                         int threads)
+{
+    size_t plane = (size_t)H * W, corners = (size_t)(H - 1) * (W - 1);
+    int tv = tv_weight != 0.0 && H > 1 && W > 1, quadratic = beta == 2.0, norm = alpha_weight != 0.0;
+    /* The 2 in the TV factor is d(dx^2)/d(dx). */
+    float tv_scale = tv ? (float)(2.0 * tv_weight / (double)corners) : 0.0f;
+    float alpha_scale = (float)(alpha_weight * alpha / (double)plane);
+    double *tv_rows = sums, *alpha_rows = sums + H;
+    int parallel = threads > 1 && (long)C * H * W >= PARALLEL_MIN;
+    (void)parallel; /* unused without OpenMP */
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+        if (tv && !quadratic) {
+#pragma omp for schedule(static)
+            for (int i = 0; i < H - 1; ++i)
+                tv_rows[i] = tv_corner_row(x, plane, C, W, i, beta, (float)epsilon, tv_scale,
+                                           slope + (size_t)i * (W - 1));
+        }
+#pragma omp for schedule(static)
+        for (int i = 0; i < H; ++i) {
+            if (tv && quadratic) {
+                double row = 0.0;
+                for (int c = 0; c < C; ++c)
+                    row += quadratic_tv_row(x + c * plane, grad + c * plane, H, W, tv_scale, i);
+                tv_rows[i] = row;
+            } else if (tv) {
+                tv_gradient_row(x, grad, plane, C, H, W, i, slope);
+            }
+            if (norm) {
+                float scratch[W];
+                alpha_rows[i] = alpha_norm_row(x, grad, plane, C, W, i, alpha, mean, alpha_scale, scratch);
+            }
+            /* Row i of the gradient is final: nothing else writes it. */
+            if (finish)
+                finish_row(finish, grad, plane, C, H, W, i);
+        }
+    }
+    double tv_sum = 0.0, alpha_sum = 0.0;
+    for (int i = 0; i < H; ++i) {
+        if (tv && (quadratic || i < H - 1))
+            tv_sum += tv_rows[i];
+        if (norm)
+            alpha_sum += alpha_rows[i];
+    }
+    *tv_out = tv ? tv_sum / (double)corners : 0.0;
+    *alpha_out = norm ? alpha_sum / (double)plane : 0.0;
+}
+
+/* Both pixel priors for a batch (B, C, H, W) (see image_priors): values (unweighted, unnormalized by
+ * the caller's scales) go to tv_out[b] and alpha_out[b]; weight times each gradient is added to grad. */
+void invviz_priors(const float *x, float *grad, int B, int C, int H, int W, double tv_weight, double beta,
+                   double epsilon, double alpha_weight, double alpha, const float *mean, float *slope, double *sums,
+                   double *tv_out, double *alpha_out, int threads)
+{
+    size_t image = (size_t)C * H * W;
+    for (int b = 0; b < B; ++b)
+        image_priors(x + b * image, grad + b * image, C, H, W, tv_weight, beta, epsilon, alpha_weight, alpha, mean,
+                     slope, sums, tv_out + b, alpha_out + b, NULL, threads);
+}
+
+/* One Adam step (torch.optim.Adam's update, no weight decay) over `count` parameters. */
+void invviz_adam(float *param, const float *grad, float *first, float *second, size_t count, double lr,
+                 double beta1, double beta2, double epsilon, int step, int threads)
+{
+    struct adam_step a = adam_constants(lr, beta1, beta2, epsilon, step);
+    long parts = threads > 1 && count >= PARALLEL_MIN ? threads : 1;
+#pragma omp parallel for num_threads(threads) if (parts > 1) schedule(static)
+    for (long part = 0; part < parts; ++part) {
+        size_t begin = count * part / parts, end = count * (part + 1) / parts;
+        adam_run(param + begin, grad + begin, first + begin, second + begin, end - begin, &a);
+    }
+}
+
+/* A pyramid's image (see loop.py's _Pyramid): out = params[0] + up(params[1] + up(... params[L-1])),
+ * clamped to [0, 1] with the excess moved into params[0]. Level l is planes x heights[l] x
+ * widths[l]; partial[l] (0 < l < L - 1) receives level l's composite (partial[0] is unused). */
+void invviz_compose(int planes, int levels, float *const *params, const int *heights, const int *widths,
+                    float *const *partial, float *out, int threads)
+{
+    if (levels == 1) {
+        invviz_clamp_into(params[0], out, (size_t)planes * heights[0] * widths[0], threads);
+        return;
+    }
+    const float *coarse = params[levels - 1];
+    for (int l = levels - 2; l >= 0; --l) {
+        float *dest = l == 0 ? out : partial[l];
+        invviz_upsample_add(coarse, heights[l + 1], widths[l + 1], params[l], dest, heights[l], widths[l], planes,
+                            l == 0, threads);
+        coarse = dest;
+    }
+}
+
+/* Everything a step does after the network, for a pyramid of B images of C planes: the pixel
+ * priors of `image` (values to tv_out / alpha_out, weighted gradients added into grads[0], the
+ * image's gradient; zero weights skip them), each coarser level's gradient (grads[l] = up^T of
+ * grads[l - 1]) and one Adam step of every level with its moments. Scratch: `slope` H x W floats,
+ * `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
+void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
+                   float *const *firsts, float *const *seconds, const int *heights, const int *widths,
+                   double tv_weight, double beta, double epsilon, double alpha_weight, double alpha,
+                   const float *mean, float *slope, double *sums, double *tv_out, double *alpha_out, float *rows,
+                   double lr, double beta1, double beta2, double adam_epsilon, int step, int threads)
+{
+    int H = heights[0], W = widths[0];
+    size_t image_size = (size_t)C * H * W;
+    struct adam_step adam = adam_constants(lr, beta1, beta2, adam_epsilon, step);
+    /* The finest level in one sweep over its rows: priors, column adjoint toward level 1, Adam. */
+    for (int b = 0; b < B; ++b) {
+        size_t offset = b * image_size;
+        struct finish_rows finish = {params[0] + offset, firsts[0] + offset, seconds[0] + offset,
+                                     levels > 1 ? rows + (size_t)b * C * H * widths[1] : NULL,
+                                     levels > 1 ? widths[1] : 0, adam};
+        image_priors(image + offset, grads[0] + offset, C, H, W, tv_weight, beta, epsilon, alpha_weight, alpha, mean,
+                     slope, sums, tv_out + b, alpha_out + b, &finish, threads);
+    }
+    if (levels > 1) {
+        long coarse_rows = (long)B * C * heights[1];
+#pragma omp parallel for num_threads(threads) if (threads > 1 && coarse_rows * widths[1] >= PARALLEL_MIN) \
+    schedule(static)
+        for (long r = 0; r < coarse_rows; ++r)
+            gather_coarse_row(rows, H, grads[1], heights[1], widths[1], r);
+    }
+    for (int l = 2; l < levels; ++l)
+        invviz_upsample_adjoint(grads[l - 1], heights[l - 1], widths[l - 1], grads[l], heights[l], widths[l], B * C,
+                                rows, threads);
+    for (int l = 1; l < levels; ++l)
+        invviz_adam(params[l], grads[l], firsts[l], seconds[l], (size_t)B * C * heights[l] * widths[l], lr, beta1,
+                    beta2, adam_epsilon, step, threads);
 }

@@ -25,23 +25,28 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("_native.c")
-FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno")
+#: Tried in order: OpenMP threads (with SIMD), then SIMD only; each with ``-march=native``, then without.
+VARIANTS = (("-fopenmp",), ("-fopenmp-simd",))
+#: OpenMP runtimes torch may be linked against (GNU, LLVM, Intel).
+OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_threaded = [False]
 
-_float_p = ctypes.POINTER(ctypes.c_float)
-_double_p = ctypes.POINTER(ctypes.c_double)
+# Pointers travel as plain addresses (``Tensor.data_ptr()``): a fraction of a ctypes cast's cost.
+_ptr_t, _int, _dbl, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_size_t
 _SIGNATURES: dict[str, list[type]] = {
-    "invviz_upsample_add": [_float_p, ctypes.c_int, ctypes.c_int, _float_p, _float_p, ctypes.c_int,
-                            ctypes.c_int, ctypes.c_int, _float_p, ctypes.c_int],
-    "invviz_clamp_into": [_float_p, _float_p, ctypes.c_size_t],
-    "invviz_upsample_adjoint": [_float_p, ctypes.c_int, ctypes.c_int, _float_p, ctypes.c_int, ctypes.c_int,
-                                ctypes.c_int, _float_p],
-    "invviz_priors": [_float_p, _float_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                      _float_p, _float_p, _double_p, _double_p],
-    "invviz_adam": [_float_p, _float_p, _float_p, _float_p, ctypes.c_size_t, ctypes.c_double, ctypes.c_double,
-                    ctypes.c_double, ctypes.c_double, ctypes.c_int],
+    "invviz_upsample_add": [_ptr_t, _int, _int, _ptr_t, _ptr_t, _int, _int, _int, _int, _int],
+    "invviz_clamp_into": [_ptr_t, _ptr_t, _size, _int],
+    "invviz_upsample_adjoint": [_ptr_t, _int, _int, _ptr_t, _int, _int, _int, _ptr_t, _int],
+    "invviz_priors": [_ptr_t, _ptr_t, _int, _int, _int, _int, _dbl, _dbl, _dbl, _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t,
+                      _ptr_t, _ptr_t, _int],
+    "invviz_adam": [_ptr_t, _ptr_t, _ptr_t, _ptr_t, _size, _dbl, _dbl, _dbl, _dbl, _int, _int],
+    "invviz_compose": [_int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
+    "invviz_update": [_ptr_t, _int, _int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
+                      _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl, _dbl, _int,
+                      _int],
 }
 
 
@@ -76,7 +81,7 @@ def _build(compiler: str) -> Path | None:
     """The compiled library's path, compiling it if this source, compiler and CPU have none yet."""
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), platform.machine(), _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), version, repr((FLAGS, VARIANTS)), platform.machine(), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"invviz-{os.getuid()}"):
         target = directory / f"native-{key}.so"
@@ -88,11 +93,12 @@ def _build(compiler: str) -> Path | None:
             os.close(handle)
         except OSError:
             continue
-        for arch in (["-march=native"], []):
-            command = [compiler, *FLAGS, *arch, "-o", partial, str(SOURCE), "-lm"]
-            if subprocess.run(command, check=False, capture_output=True, timeout=120).returncode == 0:
-                os.replace(partial, target)  # atomic: another process sees all of it or none
-                return target
+        for variant in VARIANTS:
+            for arch in (["-march=native"], []):
+                command = [compiler, *FLAGS, *variant, *arch, "-o", partial, str(SOURCE), "-lm"]
+                if subprocess.run(command, check=False, capture_output=True, timeout=120).returncode == 0:
+                    os.replace(partial, target)  # atomic: another process sees all of it or none
+                    return target
         os.unlink(partial)
         return None
     return None
@@ -116,7 +122,34 @@ def library() -> ctypes.CDLL | None:
                     getattr(lib, name).argtypes = arguments
                     getattr(lib, name).restype = None
             _loaded["lib"] = lib
+            _threaded[0] = lib is not None and _shares_torch_openmp()
         return _loaded["lib"]
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (empty off Linux)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return {
+                line.split(maxsplit=5)[-1].strip()
+                for line in maps
+                if any(line.rsplit("/", 1)[-1].startswith(name) for name in OPENMP_RUNTIMES)
+            }
+    except OSError:
+        return set()
+
+
+def _shares_torch_openmp() -> bool:
+    """Whether the loaded kernels' OpenMP threads are torch's own: torch parallelizes with OpenMP
+    and the process holds one OpenMP runtime (the dynamic linker gave the kernels torch's copy,
+    whose soname they asked for). Two runtimes would each keep a pool spinning on the same cores."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info() and len(_openmp_runtimes()) == 1
+
+
+def threads() -> int:
+    """Threads the kernels split their work over: torch's intra-op count where they share its OpenMP
+    pool (``library()`` decides), else 1."""
+    return torch.get_num_threads() if _threaded[0] else 1
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -124,10 +157,6 @@ def usable(*tensors: Tensor) -> bool:
     return library() is not None and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
     )
-
-
-def _ptr(tensor: Tensor) -> ctypes._Pointer[ctypes.c_float]:
-    return ctypes.cast(tensor.data_ptr(), _float_p)
 
 
 def _lib() -> ctypes.CDLL:
@@ -145,16 +174,15 @@ def upsample_add(coarse: Tensor, fine: Tensor, clamp: bool = False) -> Tensor:
     batch, channels, h, w = coarse.shape
     height, width = fine.shape[-2:]
     out = torch.empty_like(fine)
-    row = torch.empty(w + width)
-    _lib().invviz_upsample_add(_ptr(coarse), h, w, _ptr(fine), _ptr(out), height, width, batch * channels,
-                               _ptr(row), int(clamp))
+    _lib().invviz_upsample_add(coarse.data_ptr(), h, w, fine.data_ptr(), out.data_ptr(), height, width, batch * channels,
+                               int(clamp), threads())
     return out
 
 
 def clamp_into(fine: Tensor) -> Tensor:
     """``fine`` clamped to [0, 1] in place; returns a copy of the result."""
     out = torch.empty_like(fine)
-    _lib().invviz_clamp_into(_ptr(fine), _ptr(out), fine.numel())
+    _lib().invviz_clamp_into(fine.data_ptr(), out.data_ptr(), fine.numel(), threads())
     return out
 
 
@@ -163,8 +191,9 @@ def upsample_adjoint(grad: Tensor, coarse_size: tuple[int, int]) -> Tensor:
     batch, channels, height, width = grad.shape
     h, w = coarse_size
     out = grad.new_empty(batch, channels, h, w)
-    row = torch.empty(w)
-    _lib().invviz_upsample_adjoint(_ptr(grad), height, width, _ptr(out), h, w, batch * channels, _ptr(row))
+    rows = torch.empty(batch * channels * height * w)
+    _lib().invviz_upsample_adjoint(grad.data_ptr(), height, width, out.data_ptr(), h, w, batch * channels, rows.data_ptr(),
+                                   threads())
     return out
 
 
@@ -184,11 +213,12 @@ def priors(
     tv_values = torch.zeros(batch, dtype=torch.float64)
     alpha_values = torch.zeros(batch, dtype=torch.float64)
     slope = torch.empty(height * width)
+    sums = torch.empty(2 * height, dtype=torch.float64)
     centre = torch.tensor(mean, dtype=torch.float32)
     _lib().invviz_priors(
-        _ptr(images), _ptr(grad), batch, channels, height, width, tv_weight, beta, epsilon, alpha_weight, alpha,
-        _ptr(centre), _ptr(slope), ctypes.cast(tv_values.data_ptr(), _double_p),
-        ctypes.cast(alpha_values.data_ptr(), _double_p),
+        images.data_ptr(), grad.data_ptr(), batch, channels, height, width, tv_weight, beta, epsilon, alpha_weight, alpha,
+        centre.data_ptr(), slope.data_ptr(), sums.data_ptr(),
+        tv_values.data_ptr(), alpha_values.data_ptr(), threads(),
     )
     return tv_values, alpha_values
 
@@ -196,5 +226,62 @@ def priors(
 def adam(param: Tensor, grad: Tensor, first: Tensor, second: Tensor, lr: float, betas: tuple[float, float],
          eps: float, step: int) -> None:
     """One ``torch.optim.Adam`` update of ``param`` in place (moments ``first``/``second`` too)."""
-    _lib().invviz_adam(_ptr(param), _ptr(grad), _ptr(first), _ptr(second), param.numel(), lr, betas[0], betas[1],
-                       eps, step)
+    _lib().invviz_adam(param.data_ptr(), grad.data_ptr(), first.data_ptr(), second.data_ptr(), param.numel(), lr, betas[0], betas[1],
+                       eps, step, threads())
+
+
+def _table(tensors: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+class Levels:
+    """A pyramid's levels ``(B, C, H_l, W_l)`` (``H_{l+1} = ⌈H_l / 2⌉``) with their Adam moments and
+    every buffer the two per-step kernels need, allocated once: ``compose()`` before the network,
+    ``update(...)`` after it (priors, each level's gradient, Adam: one call instead of a dozen)."""
+
+    def __init__(self, levels: list[Tensor], mean: tuple[float, ...]) -> None:
+        self.levels = levels
+        batch, channels, height, width = levels[0].shape
+        self.batch, self.channels = batch, channels
+        self.steps = 0
+        self.first = [torch.zeros_like(level) for level in levels]
+        self.second = [torch.zeros_like(level) for level in levels]
+        # grads[0] is the image's gradient, set at each update; the coarser ones are computed into these.
+        self.grads = [levels[0], *[torch.empty_like(level) for level in levels[1:]]]
+        self.partial = [levels[0], *[torch.empty_like(level) for level in levels[1:]]]
+        self.slope = torch.empty(height * width)
+        self.sums = torch.empty(2 * height, dtype=torch.float64)
+        self.rows = torch.empty(batch * channels * height * ((width + 1) // 2))
+        self.tv_values = torch.zeros(batch, dtype=torch.float64)
+        self.alpha_values = torch.zeros(batch, dtype=torch.float64)
+        self.heights = (ctypes.c_int * len(levels))(*[level.shape[-2] for level in levels])
+        self.widths = (ctypes.c_int * len(levels))(*[level.shape[-1] for level in levels])
+        self.params_table, self.grads_table = _table(levels), _table(self.grads)
+        self.first_table, self.second_table = _table(self.first), _table(self.second)
+        self.partial_table = _table(self.partial)
+        # The α-norm's centre (fused priors are for RGB images; others pass zero prior weights).
+        self.centre = torch.tensor(mean, dtype=torch.float32) if len(mean) == channels else torch.zeros(channels)
+
+    def compose(self) -> Tensor:
+        """The composed image, clamped to [0, 1], the excess moved into the finest level."""
+        out = torch.empty_like(self.levels[0])
+        _lib().invviz_compose(self.batch * self.channels, len(self.levels), self.params_table, self.heights,
+                              self.widths, self.partial_table, out.data_ptr(), threads())
+        return out
+
+    def update(self, image: Tensor, grad: Tensor, lr: float, priors: tuple[float, float, float, float, float],
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> tuple[list[float], list[float]]:
+        """Add the priors' weighted gradients into ``grad`` (the image's, contiguous), take one Adam
+        step of every level, and return the priors' per-image values (unweighted).
+
+        ``priors`` is ``(tv_weight, beta, epsilon, alpha_weight, alpha)``; a zero weight skips a prior."""
+        self.steps += 1
+        self.grads_table[0] = grad.data_ptr()
+        tv_weight, beta, epsilon, alpha_weight, alpha = priors
+        _lib().invviz_update(
+            image.data_ptr(), self.batch, self.channels, len(self.levels), self.params_table, self.grads_table,
+            self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, epsilon, alpha_weight,
+            alpha, self.centre.data_ptr(), self.slope.data_ptr(), self.sums.data_ptr(), self.tv_values.data_ptr(),
+            self.alpha_values.data_ptr(), self.rows.data_ptr(), lr, betas[0], betas[1], eps, self.steps, threads(),
+        )
+        return self.tv_values.tolist(), self.alpha_values.tolist()

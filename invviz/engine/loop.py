@@ -312,6 +312,8 @@ class _Pyramid:
             if min(size) < 2:
                 break
             self.levels.append(start.new_zeros(batch, channels, *size).requires_grad_(not native))
+        # Natively: the levels' Adam moments and the kernels' buffers, for the two calls of a step.
+        self.fused = _native.Levels(self.levels, MEAN_PIXEL) if native else None
 
     def compose(self) -> Tensor:
         image = self.levels[-1]
@@ -327,44 +329,14 @@ class _Pyramid:
         is precisely the composition of the corrected levels (a projection onto valid images), at
         the cost of one composition per step. Natively it is a new tensor without a graph.
         """
-        if self.native:
-            finest, *coarser = self.levels
-            if not coarser:
-                return _native.clamp_into(finest)
-            image = coarser[-1]
-            for level in reversed(coarser[:-1]):
-                image = _native.upsample_add(image, level)
-            return _native.upsample_add(image, finest, clamp=True)
+        if self.fused is not None:
+            return self.fused.compose()
         raw = self.compose()
         with torch.no_grad():
             excess = raw.clamp(0, 1) - raw
             self.levels[0] += excess
         # With one level ``raw`` is the finest level itself, already corrected in place.
         return raw if raw is self.levels[0] else raw + excess
-
-    def gradients(self, grad: Tensor) -> list[Tensor]:
-        """Each level's gradient given the image's ``(B, C, H, W)`` (native levels only)."""
-        grads = [grad]
-        for level in self.levels[1:]:
-            grads.append(_native.upsample_adjoint(grads[-1], (level.shape[-2], level.shape[-1])))
-        return grads
-
-
-class _NativeAdam:
-    """``torch.optim.Adam`` (default betas and epsilon) over the pyramid's levels, one fused pass each."""
-
-    betas = (0.9, 0.999)
-    eps = 1e-8
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.params = params
-        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-        self.steps = 0
-
-    def step(self, grads: list[Tensor], lr: float) -> None:
-        self.steps += 1
-        for param, grad, (first, second) in zip(self.params, grads, self.moments):
-            _native.adam(param, grad, first, second, lr, self.betas, self.eps, self.steps)
 
 
 def _learning_rate(settings: Settings, step: int) -> float:
@@ -443,15 +415,17 @@ def _native_stepper(
     fused_priors: bool,
 ) -> Stepper:
     """One Adam step with the fused CPU kernels around the network: autograd only for the terms
-    that need it (the data term), the pixel priors' values and gradients in one kernel call (RGB
-    images; they see the unjittered image, which differs from jittered TV only at the wrap seam)."""
+    that need it (the data term), then one kernel call for the pixel priors' values and gradients
+    (RGB images; they see the unjittered image, which differs from jittered TV only at the wrap
+    seam), each pyramid level's gradient and Adam on every level."""
     priors: dict[str, tuple[str, float, PixelPrior]] = {}
     for name, weight, fn in objective.terms:
         if fused_priors and isinstance(fn, PixelPrior) and fn.kind not in priors and weight != 0.0:
             priors[fn.kind] = (name, weight, fn)
     fused = {name for name, _, _ in priors.values()}
     rest = Objective(tuple(term for term in objective.terms if term[0] not in fused))
-    adam = _NativeAdam(pyramid.levels)
+    levels = pyramid.fused
+    assert levels is not None, "a native stepper needs a native pyramid"
     tv_names = _tv_terms(rest)
     # An absent prior has weight 0, which the kernel skips.
     tv_name, tv_weight, tv_prior = priors.get("tv", ("", 0.0, PixelPrior("tv", 2.0)))
@@ -462,22 +436,21 @@ def _native_stepper(
         images = pyramid.image().requires_grad_(True)
         terms = rest.evaluate(Context(shifted(view(images), step)), dict.fromkeys(tv_names, tv_factor))
         if terms:
-            torch.stack(list(terms.values())).sum(0).sum().backward()
+            total = next(iter(terms.values())) if len(terms) == 1 else torch.stack(list(terms.values())).sum(0)
+            total.sum().backward()
         grad = images.grad if images.grad is not None else torch.zeros_like(images)
         images = images.detach()
         found = term_values(terms)
-        if priors:
-            tv_scale = tv_weight * tv_factor * tv_prior.scale
-            tv_values, alpha_values = _native.priors(
-                images, grad, tv_scale, tv_prior.exponent, TV_EPSILON, alpha_scale, alpha_prior.exponent, MEAN_PIXEL
-            )
-            if tv_name:
-                found[tv_name] = (tv_values * tv_scale).tolist()
-            if alpha_name:
-                found[alpha_name] = (alpha_values * alpha_scale).tolist()
+        tv_scale = tv_weight * tv_factor * tv_prior.scale
+        priors_setting = (tv_scale, tv_prior.exponent, TV_EPSILON, alpha_scale, alpha_prior.exponent)
+        # One call: the priors' gradients into ``grad``, each level's gradient, Adam on every level.
+        tv_values, alpha_values = levels.update(images, grad.contiguous(), rate, priors_setting)
+        if tv_name:
+            found[tv_name] = [value * tv_scale for value in tv_values]
+        if alpha_name:
+            found[alpha_name] = [value * alpha_scale for value in alpha_values]
         values = {name: found[name] for name in objective.names if name in found}
         check(values, step)
-        adam.step(pyramid.gradients(grad), rate)
         return images, values
 
     return take_step

@@ -166,6 +166,41 @@ def check_rectifier_slope(value: object) -> float:
     return float(value)
 
 
+#: Floor of the squared relative error under a power < 2: far below any error worth reporting, it
+#: keeps the gradient finite at an exact match.
+SQUARED_ERROR_FLOOR = 1e-12
+
+
+class _RelativeError(torch.autograd.Function):
+    """``(‖m⊙(Φ − Φ0)‖² / n)^(p/2)`` per image, ``n = ‖m⊙Φ0‖²`` given, with its gradient written out.
+
+    Composed of torch operations this is a dozen small ops with as many autograd nodes, ~0.25 ms
+    forward and as much back on the CPU: about 2 % of a step next to a small network. Here it is
+    three passes over the code forward and one back. ``selected`` is the mask as 0/1 or ``None``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, code: Tensor, target: Tensor, selected: Tensor | None, norm: Tensor, power: float) -> Tensor:
+        difference = code - target
+        if selected is not None:
+            difference.mul_(selected)
+        squared = torch.linalg.vecdot(difference.flatten(1), difference.flatten(1)) / norm
+        ctx.save_for_backward(difference, squared, norm)
+        ctx.power = power
+        return squared if power == 2.0 else squared.clamp_min(SQUARED_ERROR_FLOOR).pow(power / 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        difference, squared, norm = ctx.saved_tensors
+        power = ctx.power
+        # d/dΦ of (s/n)^(p/2) is (p/2)(s/n)^(p/2 − 1) · 2 m⊙(Φ − Φ0) / n; zero under the floor.
+        factor = grad * 2 / norm
+        if power != 2.0:
+            above = squared >= SQUARED_ERROR_FLOOR
+            factor = factor * (power / 2) * squared.clamp_min(SQUARED_ERROR_FLOOR).pow(power / 2 - 1) * above
+        return difference * factor.view(-1, *[1] * (difference.dim() - 1)), None, None, None, None
+
+
 class FeatureMatch:
     """The data term's function: ``(‖m⊙(Φ(x) − Φ0)‖² / ‖m⊙Φ0‖²)^(power/2)`` per image, ``(B,)``."""
 
@@ -174,13 +209,24 @@ class FeatureMatch:
     ) -> None:
         self.rep, self.target, self.mask = rep, target, mask
         self.rectifier_slope, self.power = rectifier_slope, power
+        # The target, mask and ‖m⊙Φ0‖² as the codes need them: computed at the first step, reused.
+        self._prepared: tuple[tuple[object, ...], Tensor, Tensor | None, Tensor] | None = None
+
+    def _constants(self, code: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        key = (code.shape, code.dtype, code.device)
+        if self._prepared is None or self._prepared[0] != key:
+            target = self.target.to(code)
+            selected = None if self.mask is None else self.mask.to(code).expand_as(code)
+            reference = target.expand_as(code) if selected is None else target * selected
+            norm = torch.linalg.vecdot(reference.flatten(1), reference.flatten(1)).clamp_min(torch.finfo(code.dtype).tiny)
+            self._prepared = (key, target, selected, norm)
+        return self._prepared[1:]
 
     def __call__(self, ctx: Context) -> Tensor:
-        squared = feature_error_squared(ctx.code(self.rep, self.rectifier_slope), self.target, self.mask)
-        if self.power == 2.0:
-            return squared
-        # A floor far below any error worth reporting keeps the gradient finite at an exact match.
-        return squared.clamp_min(1e-12).pow(self.power / 2)
+        code = ctx.code(self.rep, self.rectifier_slope)
+        target, selected, norm = self._constants(code)
+        value: Tensor = _RelativeError.apply(code, target, selected, norm, self.power)
+        return value
 
     def feature_error(self, value: float) -> float:
         """The relative error ``‖Φ(x) − Φ0‖ / ‖Φ0‖`` from this term's (unweighted) value."""
