@@ -132,8 +132,10 @@ def test_a_native_step_equals_the_torch_step() -> None:
     assert torch.allclose(native_image, torch_image, atol=1e-6)
     for expected, got in zip(torch_grads, native_grads):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    # Adam's first step is ±lr wherever |grad| ≫ its ε, but near ε it amplifies float rounding of
+    # the gradient: a tenth of a percent of the rate separates rounding from a wrong update.
     for expected, got in zip(torch_levels, native_levels):
-        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.allclose(got, expected, atol=lr * 1e-3)
 
 
 def test_kernels_give_the_same_bits_on_one_thread_and_on_several(monkeypatch) -> None:

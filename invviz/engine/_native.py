@@ -261,12 +261,19 @@ class Levels:
         self.partial_table = _table(self.partial)
         # The α-norm's centre (fused priors are for RGB images; others pass zero prior weights).
         self.centre = torch.tensor(mean, dtype=torch.float32) if len(mean) == channels else torch.zeros(channels)
+        lib = _lib()
+        self._compose, self._update = lib.invviz_compose, lib.invviz_update
+        # Scratch addresses, fixed for the life of the pyramid.
+        self._scratch = (
+            self.centre.data_ptr(), self.slope.data_ptr(), self.sums.data_ptr(), self.tv_values.data_ptr(),
+            self.alpha_values.data_ptr(), self.rows.data_ptr(),
+        )
 
     def compose(self) -> Tensor:
         """The composed image, clamped to [0, 1], the excess moved into the finest level."""
         out = torch.empty_like(self.levels[0])
-        _lib().invviz_compose(self.batch * self.channels, len(self.levels), self.params_table, self.heights,
-                              self.widths, self.partial_table, out.data_ptr(), threads())
+        self._compose(self.batch * self.channels, len(self.levels), self.params_table, self.heights, self.widths,
+                      self.partial_table, out.data_ptr(), threads())
         return out
 
     def update(self, image: Tensor, grad: Tensor, lr: float, priors: tuple[float, float, float, float, float],
@@ -278,10 +285,9 @@ class Levels:
         self.steps += 1
         self.grads_table[0] = grad.data_ptr()
         tv_weight, beta, epsilon, alpha_weight, alpha = priors
-        _lib().invviz_update(
+        self._update(
             image.data_ptr(), self.batch, self.channels, len(self.levels), self.params_table, self.grads_table,
             self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, epsilon, alpha_weight,
-            alpha, self.centre.data_ptr(), self.slope.data_ptr(), self.sums.data_ptr(), self.tv_values.data_ptr(),
-            self.alpha_values.data_ptr(), self.rows.data_ptr(), lr, betas[0], betas[1], eps, self.steps, threads(),
+            alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, threads(),
         )
         return self.tv_values.tolist(), self.alpha_values.tolist()

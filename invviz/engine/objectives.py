@@ -184,21 +184,23 @@ class _RelativeError(torch.autograd.Function):
         difference = code - target
         if selected is not None:
             difference.mul_(selected)
-        squared = torch.linalg.vecdot(difference.flatten(1), difference.flatten(1)) / norm
-        ctx.save_for_backward(difference, squared, norm)
-        ctx.power = power
-        return squared if power == 2.0 else squared.clamp_min(SQUARED_ERROR_FLOOR).pow(power / 2)
+        flat = difference.flatten(1)
+        squared = torch.linalg.vecdot(flat, flat).div_(norm)
+        if power == 2.0:
+            value, slope = squared, 2 / norm
+        else:
+            # d/dΦ of (s/n)^(p/2) is (p/2)(s/n)^(p/2 − 1) · 2 m⊙(Φ − Φ0) / n, zero under the floor
+            # (where the clamp holds the value); (s/n)^(p/2 − 1) is value / (s/n) above it.
+            floored = squared.clamp_min(SQUARED_ERROR_FLOOR)
+            value = floored.pow(power / 2)
+            slope = torch.where(squared >= SQUARED_ERROR_FLOOR, value / floored * (power / norm), 0.0)
+        ctx.save_for_backward(difference, slope)
+        return value
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        difference, squared, norm = ctx.saved_tensors
-        power = ctx.power
-        # d/dΦ of (s/n)^(p/2) is (p/2)(s/n)^(p/2 − 1) · 2 m⊙(Φ − Φ0) / n; zero under the floor.
-        factor = grad * 2 / norm
-        if power != 2.0:
-            above = squared >= SQUARED_ERROR_FLOOR
-            factor = factor * (power / 2) * squared.clamp_min(SQUARED_ERROR_FLOOR).pow(power / 2 - 1) * above
-        return difference * factor.view(-1, *[1] * (difference.dim() - 1)), None, None, None, None
+        difference, slope = ctx.saved_tensors
+        return difference * (grad * slope).view(-1, *[1] * (difference.dim() - 1)), None, None, None, None
 
 
 class FeatureMatch:
