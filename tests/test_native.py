@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from invviz import Settings, invert, representation, sample_image
 from invviz.engine import _native
 from invviz.engine.loop import _Pyramid, default_objective, random_start
-from invviz.engine.objectives import MEAN_PIXEL, TV_EPSILON, Context, PixelPrior
+from invviz.engine.objectives import (
+    MEAN_PIXEL,
+    SQUARED_ERROR_FLOOR,
+    TV_EPSILON,
+    Context,
+    PixelPrior,
+    _FusedRelativeError,
+    _RelativeError,
+    match,
+)
 
 pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler to build the kernels")
 
@@ -182,3 +191,60 @@ def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch) -> None:
     monkeypatch.setattr(_native, "_loaded", {})
     monkeypatch.setenv("INVVIZ_NATIVE", "0")
     assert _native.library() is None
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize(("batch", "target_batch", "shape"), [(1, 1, (40, 28, 28)), (3, 1, (5, 90000)), (3, 3, (1000,))])
+def test_fused_data_term_equals_the_torch_formulation(power, batch, target_batch, shape) -> None:
+    """The data term's kernels (unmasked CPU float32) give the torch formulation's values and
+    gradients, shared or per-image targets, codes spanning several of their fixed sum chunks."""
+    generator = torch.Generator().manual_seed(4)
+    code = torch.randn(batch, *shape, generator=generator)
+    target = torch.randn(target_batch, *shape, generator=generator)
+    norm = torch.linalg.vecdot(target.flatten(1), target.flatten(1))
+    term = _native.DataTerm(batch, code[0].numel(), target, norm, power, SQUARED_ERROR_FLOOR)
+    results = []
+    for fused in (True, False):
+        leaf = code.clone().requires_grad_(True)
+        if fused:
+            value = _FusedRelativeError.apply(leaf, term)
+        else:
+            value = _RelativeError.apply(leaf, target, None, norm, power)
+        (value * torch.arange(1.0, batch + 1)).sum().backward()
+        results.append((value.detach(), leaf.grad))
+    (fused_value, fused_grad), (torch_value, torch_grad) = results
+    assert torch.allclose(fused_value, torch_value, rtol=1e-5)
+    assert torch.allclose(fused_grad, torch_grad, rtol=1e-4, atol=1e-6 * torch_grad.abs().max().item())
+
+
+def test_fused_data_term_at_an_exact_match_has_the_floor_and_no_gradient() -> None:
+    code = torch.randn(2, 7, 9)
+    norm = torch.linalg.vecdot(code.flatten(1), code.flatten(1))
+    value, slope = _native.DataTerm(2, 63, code.clone(), norm, 1.0, SQUARED_ERROR_FLOOR).value(code)
+    assert value.tolist() == pytest.approx([SQUARED_ERROR_FLOOR**0.5] * 2)
+    assert slope.tolist() == [0.0, 0.0]
+
+
+def test_fused_data_term_does_not_depend_on_the_thread_count(monkeypatch) -> None:
+    code, target = torch.randn(2, 300000), torch.randn(1, 300000)
+    norm = torch.linalg.vecdot(target, target)
+    term = _native.DataTerm(2, 300000, target, norm, 1.0, SQUARED_ERROR_FLOOR)
+    outcomes = []
+    for count in (1, 2):
+        monkeypatch.setattr(_native, "threads", lambda count=count: count)
+        value, slope = term.value(code)
+        outcomes.append((value, slope, term.gradient(code, slope)))
+    for single, several in zip(*outcomes):
+        assert torch.equal(single, several)
+
+
+def test_the_engine_takes_the_fused_data_term_for_plain_cpu_codes() -> None:
+    rep = representation("efficientnet_lite0:blocks.1")
+    photo = sample_image("chelsea", 32)
+    with torch.no_grad():
+        target = rep(photo[None])
+    plain = match(rep, target, power=1.0).terms[0][2]
+    masked = match(rep, target, torch.ones(target.shape[1:], dtype=torch.bool), power=1.0).terms[0][2]
+    image = photo[None].clone().requires_grad_(True)
+    assert type(plain(Context(image)).grad_fn).__name__.startswith("_FusedRelativeError")
+    assert type(masked(Context(image)).grad_fn).__name__.startswith("_RelativeError")

@@ -490,3 +490,61 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
         invviz_adam(params[l], grads[l], firsts[l], seconds[l], (size_t)B * C * heights[l] * widths[l], lr, beta1,
                     beta2, adam_epsilon, step, threads);
 }
+
+/* Elements per partial sum of the data term: sums are over these fixed chunks, then added up
+ * serially, so the value does not depend on the thread count. */
+#define CHUNK 32768
+
+/* The data term (‖Φ − Φ0‖² / n)^(p/2) per image for B codes of N floats (target: one code shared
+ * by all, `shared` != 0, or one per image), with n = norm[b] (one per image, or norm[0] shared
+ * when `norms` == 1): value[b], and slope[b], the factor of (Φ − Φ0) in the value's gradient:
+ * (p / n) (S/n)^(p/2 - 1), 0 where S/n is under `floor` (there the value is floor^(p/2); with p = 2
+ * the plain S/n and 2 / n). `partial` is scratch for B ceil(N / CHUNK) doubles. */
+void invviz_relative_error(const float *code, const float *target, int shared, int B, long N, const float *norm,
+                           int norms, double power, double floor, float *value, float *slope, double *partial,
+                           int threads)
+{
+    long chunks = (N + CHUNK - 1) / CHUNK, total = (long)B * chunks;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && (long)B * N >= 4 * PARALLEL_MIN) schedule(static)
+    for (long k = 0; k < total; ++k) {
+        long b = k / chunks, begin = (k % chunks) * CHUNK, end = begin + CHUNK < N ? begin + CHUNK : N;
+        const float *c = code + b * N, *t = target + (shared ? 0 : b * N);
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (long i = begin; i < end; ++i) {
+            float d = c[i] - t[i];
+            acc += (double)(d * d);
+        }
+        partial[k] = acc;
+    }
+    for (int b = 0; b < B; ++b) {
+        double sum = 0.0, n = norm[norms == 1 ? 0 : b];
+        for (long k = 0; k < chunks; ++k)
+            sum += partial[b * chunks + k];
+        double relative = sum / n;
+        if (power == 2.0) {
+            value[b] = (float)relative;
+            slope[b] = (float)(2.0 / n);
+        } else {
+            double floored = relative > floor ? relative : floor, powered = pow(floored, power / 2.0);
+            value[b] = (float)powered;
+            slope[b] = relative >= floor ? (float)(powered / floored * (power / n)) : 0.0f;
+        }
+    }
+}
+
+/* The data term's gradient: out = scale[b] (Φ − Φ0) for each image b (see invviz_relative_error). */
+void invviz_relative_error_grad(const float *code, const float *target, int shared, int B, long N,
+                                const float *scale, float *out, int threads)
+{
+    long chunks = (N + CHUNK - 1) / CHUNK, total = (long)B * chunks;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && (long)B * N >= 4 * PARALLEL_MIN) schedule(static)
+    for (long k = 0; k < total; ++k) {
+        long b = k / chunks, begin = (k % chunks) * CHUNK, end = begin + CHUNK < N ? begin + CHUNK : N;
+        const float *c = code + b * N, *t = target + (shared ? 0 : b * N);
+        float *o = out + b * N, s = scale[b];
+#pragma omp simd
+        for (long i = begin; i < end; ++i)
+            o[i] = s * (c[i] - t[i]);
+    }
+}

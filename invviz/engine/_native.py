@@ -44,6 +44,9 @@ _SIGNATURES: dict[str, list[type]] = {
                       _ptr_t, _ptr_t, _int],
     "invviz_adam": [_ptr_t, _ptr_t, _ptr_t, _ptr_t, _size, _dbl, _dbl, _dbl, _dbl, _int, _int],
     "invviz_compose": [_int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
+    "invviz_relative_error": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _int, _dbl, _dbl, _ptr_t, _ptr_t,
+                              _ptr_t, _int],
+    "invviz_relative_error_grad": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _ptr_t, _int],
     "invviz_update": [_ptr_t, _int, _int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
                       _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl, _dbl, _int,
                       _int],
@@ -228,6 +231,39 @@ def adam(param: Tensor, grad: Tensor, first: Tensor, second: Tensor, lr: float, 
     """One ``torch.optim.Adam`` update of ``param`` in place (moments ``first``/``second`` too)."""
     _lib().invviz_adam(param.data_ptr(), grad.data_ptr(), first.data_ptr(), second.data_ptr(), param.numel(), lr, betas[0], betas[1],
                        eps, step, threads())
+
+
+class DataTerm:
+    """The data term ``(‖Φ − Φ0‖² / n)^(p/2)`` for codes ``(B, ...)`` of one shape against a fixed
+    ``target`` (one code ``(1, ...)`` or ``(B, ...)``) and ``norm`` (``(1,)`` or ``(B,)``), all
+    contiguous float32 on the CPU, with the kernels bound and the scratch allocated once: right
+    after the network every Python line and torch call is slow (its code is out of the caches), so
+    a step's data term is one call each way."""
+
+    def __init__(self, batch: int, count: int, target: Tensor, norm: Tensor, power: float, floor: float) -> None:
+        lib = _lib()
+        self._value, self._grad = lib.invviz_relative_error, lib.invviz_relative_error_grad
+        self.batch, self.count, self.power, self.floor = batch, count, float(power), float(floor)
+        self.target, self.norm = target, norm  # kept alive: the kernels read them by address
+        self._shared = int(target.shape[0] == 1)
+        self._partial = torch.empty(batch * -(-count // 32768), dtype=torch.float64)
+
+    def value(self, code: Tensor) -> tuple[Tensor, Tensor]:
+        """Per image ``(value, slope)``, ``(B,)`` each: the term and the factor of ``Φ − Φ0`` in its
+        gradient (0 where the relative square is under ``floor`` and ``power`` ≠ 2)."""
+        value, slope = code.new_empty(2, self.batch).unbind(0)
+        self._value(code.data_ptr(), self.target.data_ptr(), self._shared, self.batch, self.count,
+                    self.norm.data_ptr(), self.norm.numel(), self.power, self.floor, value.data_ptr(),
+                    slope.data_ptr(), self._partial.data_ptr(), threads())
+        return value, slope
+
+    def gradient(self, code: Tensor, scale: Tensor) -> Tensor:
+        """``scale[b] · (Φ − Φ0)``, the gradient given the incoming gradient times the slope."""
+        out = torch.empty_like(code)
+        scale = scale.contiguous()
+        self._grad(code.data_ptr(), self.target.data_ptr(), self._shared, self.batch, self.count, scale.data_ptr(),
+                   out.data_ptr(), threads())
+        return out
 
 
 def _table(tensors: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:

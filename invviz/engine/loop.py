@@ -426,6 +426,7 @@ def _native_stepper(
     rest = Objective(tuple(term for term in objective.terms if term[0] not in fused))
     levels = pyramid.fused
     assert levels is not None, "a native stepper needs a native pyramid"
+    ones = torch.ones(pyramid.levels[0].shape[0])
     tv_names = _tv_terms(rest)
     # An absent prior has weight 0, which the kernel skips.
     tv_name, tv_weight, tv_prior = priors.get("tv", ("", 0.0, PixelPrior("tv", 2.0)))
@@ -437,7 +438,7 @@ def _native_stepper(
         terms = rest.evaluate(Context(shifted(view(images), step)), dict.fromkeys(tv_names, tv_factor))
         if terms:
             total = next(iter(terms.values())) if len(terms) == 1 else torch.stack(list(terms.values())).sum(0)
-            total.sum().backward()
+            total.backward(ones)  # ∂(Σ_b total_b)/∂total_b = 1, without a sum operation
         grad = images.grad if images.grad is not None else torch.zeros_like(images)
         images = images.detach()
         found = term_values(terms)
