@@ -1,11 +1,14 @@
 """The fused CPU kernels of ``_native.c``, compiled on first use and loaded through ctypes.
 
 An inversion step on the CPU spends most of its time in the network; what it does around it
-(pyramid composition, clamping, pixel priors, Adam) costs a dozen torch operations, each a pass
-over the image. The C file does each in one or two passes. It is compiled with the system's C
-compiler into a per-user cache the first time it is needed; without a compiler (or with
-``INVVIZ_NATIVE=0`` in the environment) ``library()`` is ``None`` and the engine uses torch
-operations for the same arithmetic.
+(pyramid composition, clamping, pixel priors, Adam, the data term) costs dozens of torch
+operations, each a pass over the image, and each slow right after the network has pushed torch's
+and the interpreter's code out of the caches. Here a step is four calls: ``Levels.compose`` before
+the network, ``DataTerm.value`` and ``DataTerm.gradient`` around its backward, ``Levels.update``
+after it. The C file is compiled with the system's C compiler into a per-user cache the first time
+it is needed, with OpenMP where the compiler has it; its threads are used only where they are
+torch's own (``threads()``). Without a compiler (or with ``INVVIZ_NATIVE=0`` in the environment)
+``library()`` is ``None`` and the engine uses torch operations for the same arithmetic.
 """
 
 from __future__ import annotations
@@ -166,6 +169,10 @@ def _lib() -> ctypes.CDLL:
     lib = library()
     assert lib is not None, "native kernels are not available (check usable() first)"
     return lib
+
+
+# The single kernels, each as the fused calls below run it; tests/test_native.py checks each one
+# against its torch formulation.
 
 
 def upsample_add(coarse: Tensor, fine: Tensor, clamp: bool = False) -> Tensor:
