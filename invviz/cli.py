@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument(
         "--iters", type=positive_int, help=f"optimization steps (default {DEFAULT_ITERS}; {HOG_ITERS} for hog and hogb)"
     )
-    inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start image (default 0)")
+    inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start noise and jitter (default 0)")
+    inv.add_argument("--start-noise", type=non_negative_float,
+                     help="deviation of the start image's noise around the mean pixel (default: 0, a flat start, for CNN layers; 0.05 for hog/hogb/dsift and for --restarts)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
     inv.add_argument("--tv-start", type=positive_float, default=Settings.tv_start,
                      help=f"TV weight of the first step as a multiple of --tv, falling to it by the last (default {Settings.tv_start:g}; 1: constant)")
@@ -204,6 +206,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         seed=args.seed,
         rectifier_slope=args.rectifier_slope,
         feature_power=args.feature_power,
+        start_noise=args.start_noise,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)

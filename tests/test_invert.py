@@ -11,11 +11,12 @@ from invviz import (
     invert,
     match,
     representation,
+    restarts,
     roughness,
     sample_image,
     tv,
 )
-from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate, _tv_factor, _Upsample
+from invviz.engine.loop import PAPER_SCHEDULE, _learning_rate, _tv_factor, _Upsample, random_start
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,28 @@ def test_inversion_really_lowers_the_feature_error(photo) -> None:
 
 def test_same_seed_same_result_other_seed_other_result(photo) -> None:
     rep = representation("tiny:conv2")
-    a = invert(rep, photo, settings=Settings(iters=10, seed=1), device="cpu")
-    b = invert(rep, photo, settings=Settings(iters=10, seed=1), device="cpu")
-    c = invert(rep, photo, settings=Settings(iters=10, seed=2), device="cpu")
+    noisy = {"iters": 10, "start_noise": 0.05}
+    a = invert(rep, photo, settings=Settings(seed=1, **noisy), device="cpu")
+    b = invert(rep, photo, settings=Settings(seed=1, **noisy), device="cpu")
+    c = invert(rep, photo, settings=Settings(seed=2, **noisy), device="cpu")
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, c.images)
+
+
+def test_cnn_layers_start_flat_and_shallow_representations_from_noise(photo) -> None:
+    """A CNN inversion starts from the flat mean image (its seed then changes nothing without
+    jitter); HOG's gradient vanishes on a flat image, so it starts from noise; restarts differ."""
+    rep = representation("tiny:conv2")
+    assert Settings().resolved(rep).start_noise == 0.0
+    assert Settings().resolved(representation("hog")).start_noise == 0.05
+    first = invert(rep, photo, settings=Settings(iters=1, seed=1), device="cpu")
+    other = invert(rep, photo, settings=Settings(iters=1, seed=2), device="cpu")
+    assert torch.equal(first.images, other.images)
+    flat = random_start(1, 3, 8, 8, seed=5, deviation=0.0)
+    assert torch.equal(flat, flat[..., :1, :1].expand_as(flat))
+    starts = restarts(rep, photo, 2, settings=Settings(iters=1))
+    assert not torch.equal(starts.images[0], starts.images[1])
+    assert starts.settings.start_noise == 0.05
 
 
 def test_every_term_has_a_history(photo) -> None:
@@ -246,10 +264,10 @@ def test_tv_is_scaled_by_image_over_receptive_field_area_for_window_masks(photo)
     mask[:, 2:4, 5:6] = True
     box = rep.receptive_field((2, 4), (5, 6), 64, 64)
     assert (box.height, box.width) == (7, 5)  # 5-pixel fields, 2 pixels apart
-    settings = Settings(iters=1, tv_weight=0.01)
+    settings = Settings(iters=1, tv_weight=0.01, start_noise=0.05)
     masked = invert(rep, photo, mask=mask, settings=settings, device="cpu")
     whole = invert(rep, photo, settings=settings, device="cpu")
-    # Both start from the same seeded image, so the logged TV terms differ only by the weight.
+    # Both start from the same seeded noisy image, so the logged TV terms differ only by the weight.
     ratio = masked.history["tv"][0][0] / whole.history["tv"][0][0]
     assert ratio == pytest.approx(64 * 64 / (7 * 5), rel=1e-5)
 

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from ..representations import Box, Representation
 from ._device import resolve_device
-from .loop import DivergenceError, InversionResult, Settings, Step, StopSignal, invert, random_start
+from .loop import (
+    DivergenceError,
+    InversionResult,
+    Settings,
+    Step,
+    StopSignal,
+    invert,
+    random_start,
+)
 from .objectives import check_mask
 
 #: Channel groups ``parse_channels`` knows, as the paper's "neural streams" figure splits them.
@@ -36,8 +44,9 @@ def restarts(
 ) -> InversionResult:
     """``k`` reconstructions of ``image`` ``(3, H, W)`` from different random starts, in one batch.
 
-    What differs between them is what the code is invariant to (the paper's Fig. 7).
-    Returns images ``(k, 3, H, W)``.
+    What differs between them is what the code is invariant to (the paper's Fig. 7). The starts
+    are the mean pixel plus noise of ``settings.start_noise``, at least 0.05 where it is ``None``
+    (a single inversion of a CNN layer starts flat by default). Returns images ``(k, 3, H, W)``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"number of restarts must be a positive integer, got {k!r}")
@@ -197,7 +206,8 @@ def channel_gallery(
 
     count = len(channels)
     colour = 1 if rep.grayscale else 3
-    starts = random_start(count, colour, height, width, settings.seed)
+    assert settings.start_noise is not None
+    starts = random_start(count, colour, height, width, settings.seed, settings.start_noise)
     images = torch.zeros(count, 3, height, width)
     errors = [math.nan] * count
     began = time.perf_counter()

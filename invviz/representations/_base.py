@@ -128,6 +128,11 @@ class Representation(nn.Module):
         """
         return 5
 
+    def default_start_noise(self) -> float:
+        """Deviation of the start image's noise (``Settings.start_noise``) when none is given: 0, a
+        flat start, for CNN layers (see ``Settings``)."""
+        return 0.0
+
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
 

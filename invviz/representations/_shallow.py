@@ -35,6 +35,9 @@ class ShallowRepresentation(Representation):
     def default_pyramid_levels(self) -> int:
         return 4  # what HOG, HOGb and DSIFT were tuned and measured with (Table 1)
 
+    def default_start_noise(self) -> float:
+        return 0.05  # their gradient vanishes on a flat image: a flat start would never move
+
 
 def check_positive_int(name: str, value: int) -> int:
     """``value`` if it is a positive ``int``, else a ``ValueError`` naming ``name``."""
