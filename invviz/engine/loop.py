@@ -73,9 +73,9 @@ class Settings:
       layers, a flat start, and 0.05 for HOG, HOGb and DSIFT, whose gradient vanishes on a flat
       image. On Lite0 (8 photos, 200 steps, CPU) a flat start took the mean error of blocks.1 from
       0.099 to 0.084 (lower on every photo) and of blocks.4 / 8 / 15 / head by 0.003-0.010, with
-      blocks.12 0.002 higher; noise as small as 0.001 gave the noisy start's results: Adam's first
-      steps move every pixel by ±lr whatever the size of its gradient, so the small gradient any
-      pixel noise induces becomes full-size noise the priors must then remove. With a flat start
+      blocks.12 0.002 higher; noise as small as 0.001 gave the noisy start's results (likely
+      because Adam's first steps move every pixel by ±lr whatever the size of its gradient, so
+      even the small gradient faint noise induces becomes full-size noise). With a flat start
       ``seed`` only matters with jitter; a batch of restarts (``invert(batch=K)``, ``restarts``)
       uses 0.05 where this is ``None``, so that its starts differ.
     - ``feature_power``: the data term is ``(‖Φ(x) − Φ0‖ / ‖Φ0‖)^p``. ``None``: 1 with Adam, 2 (the
