@@ -369,9 +369,7 @@ static void image_priors(const float *x, float *grad, int C, int H, int W, doubl
     float tv_scale = tv ? (float)(2.0 * tv_weight / (double)corners) : 0.0f;
     float alpha_scale = (float)(alpha_weight * alpha / (double)plane);
     double *tv_rows = sums, *alpha_rows = sums + H;
-    int parallel = threads > 1 && (long)C * H * W >= PARALLEL_MIN;
-    (void)parallel; /* unused without OpenMP */
-#pragma omp parallel num_threads(threads) if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1 && (long)C * H * W >= PARALLEL_MIN)
     {
         if (tv && !quadratic) {
 #pragma omp for schedule(static)

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._threads import openmp_runtimes
+
 SOURCE = Path(__file__).with_name("_native.c")
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno")
 #: Tried in order: OpenMP threads (with SIMD), then SIMD only; each with ``-march=native``, then without.
 VARIANTS = (("-fopenmp",), ("-fopenmp-simd",))
-#: OpenMP runtimes torch may be linked against (GNU, LLVM, Intel).
-OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _threaded = [False]
@@ -132,24 +132,11 @@ def library() -> ctypes.CDLL | None:
         return _loaded["lib"]
 
 
-def _openmp_runtimes() -> set[str]:
-    """Paths of the OpenMP runtimes mapped into this process (empty off Linux)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            return {
-                line.split(maxsplit=5)[-1].strip()
-                for line in maps
-                if any(line.rsplit("/", 1)[-1].startswith(name) for name in OPENMP_RUNTIMES)
-            }
-    except OSError:
-        return set()
-
-
 def _shares_torch_openmp() -> bool:
     """Whether the loaded kernels' OpenMP threads are torch's own: torch parallelizes with OpenMP
     and the process holds one OpenMP runtime (the dynamic linker gave the kernels torch's copy,
     whose soname they asked for). Two runtimes would each keep a pool spinning on the same cores."""
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info() and len(_openmp_runtimes()) == 1
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info() and len(openmp_runtimes()) == 1
 
 
 def threads() -> int:

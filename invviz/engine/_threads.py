@@ -30,20 +30,24 @@ _M_MMAP_THRESHOLD = -3
 _MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
-@functools.cache
-def _pause_functions() -> tuple[Callable[[int], int], ...]:
-    """``omp_pause_resource_all`` of every OpenMP runtime loaded in this process (none off Linux)."""
+def openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process now (empty off Linux)."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
-            paths = sorted({
+            return {
                 line.split(maxsplit=5)[-1].strip()
                 for line in maps
                 if any(line.rsplit("/", 1)[-1].startswith(name) for name in _RUNTIMES)
-            })
+            }
     except OSError:
-        return ()
+        return set()
+
+
+@functools.cache
+def _pause_functions() -> tuple[Callable[[int], int], ...]:
+    """``omp_pause_resource_all`` of every OpenMP runtime loaded in this process (none off Linux)."""
     functions = []
-    for path in paths:
+    for path in sorted(openmp_runtimes()):
         try:
             function = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):

@@ -321,7 +321,6 @@ class _Pyramid:
 
     def __init__(self, start: Tensor, levels: int, native: bool = False) -> None:
         batch, channels, height, width = start.shape
-        self.native = native
         self.levels = [start.clone().contiguous().requires_grad_(not native)]
         for level in range(1, levels):
             size = (math.ceil(height / 2**level), math.ceil(width / 2**level))

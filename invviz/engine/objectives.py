@@ -247,7 +247,7 @@ class FeatureMatch:
             reference = target.expand_as(code) if selected is None else target * selected
             norm = torch.linalg.vecdot(reference.flatten(1), reference.flatten(1)).clamp_min(torch.finfo(code.dtype).tiny)
             fused = None
-            if selected is None and _native.usable(code, target, norm) and code.dim() >= 1:
+            if selected is None and _native.usable(code, target, norm):
                 fused = _native.DataTerm(code.shape[0], code[0].numel(), target, norm, self.power, SQUARED_ERROR_FLOOR)
             self._prepared = (key, target, selected, norm, fused)
         return self._prepared[1:]
@@ -416,4 +416,4 @@ def alpha_norm(alpha: float = 6.0) -> Objective:
 
 def term_values(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     """Detached per-image floats of each term (for histories and snapshots)."""
-    return {name: (value if value.device.type == "cpu" else value.cpu()).tolist() for name, value in values.items()}
+    return {name: value.cpu().tolist() for name, value in values.items()}
