@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--tv-start", type=positive_float, default=Settings.tv_start,
                      help=f"TV weight of the first step as a multiple of --tv, falling to it by the last (default {Settings.tv_start:g}; 1: constant)")
     inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta, help=f"TV exponent β (default {Settings.tv_beta:g}; 1 gives spikes)")
+    inv.add_argument("--tv-chroma", type=non_negative_float,
+                     help="extra TV weight on colour variation (default: 3 for CNN layers of stride 8 or more, else 0)")
     inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight, help=f"α-norm prior weight (default {Settings.alpha_weight:g})")
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
@@ -200,6 +202,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         tv_weight=args.tv,
         tv_start=args.tv_start,
         tv_beta=args.tv_beta,
+        tv_chroma=args.tv_chroma,
         alpha_weight=args.alpha_weight,
         alpha=args.alpha,
         jitter=args.jitter,

@@ -144,7 +144,7 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
-    for option in ("--tv-beta", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start"):
+    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start"):
         code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 

@@ -67,6 +67,18 @@ def test_cnn_layers_start_flat_and_shallow_representations_from_noise(photo) -> 
     assert starts.settings.start_noise == 0.05
 
 
+
+def test_a_batch_of_different_targets_starts_as_single_inversions_do(photo) -> None:
+    """Only restarts of one target get noisy starts; rows with their own targets start flat."""
+    rep = representation("tiny:conv2")
+    second = photo.flip(-1)
+    with torch.no_grad():
+        targets = rep(torch.stack([photo, second]))
+    both = invert(rep, target=targets, size=tuple(photo.shape[1:]), batch=2, settings=Settings(iters=1), device="cpu")
+    assert both.settings.start_noise == 0.0
+    alone = invert(rep, second, settings=Settings(iters=1), device="cpu")
+    torch.testing.assert_close(both.images[1], alone.images[0], atol=1e-3, rtol=0)  # batched convolutions round differently
+
 def test_every_term_has_a_history(photo) -> None:
     result = invert(representation("tiny:relu1"), photo, settings=Settings(iters=7, jitter=2), device="cpu")
     assert set(result.history) == {"feature", "tv", "alpha"}

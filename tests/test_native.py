@@ -57,10 +57,11 @@ def test_upsample_adjoint_is_the_gradient_of_upsampling(h, w, height, width) -> 
 @pytest.mark.parametrize("beta", [2.0, 1.0, 1.5])
 @pytest.mark.parametrize("alpha", [6.0, 2.0, 2.5])
 @pytest.mark.parametrize("size", [(5, 7), (2, 3), (32, 32), (1, 6), (4, 1)])
-def test_fused_priors_equal_the_torch_priors(beta, alpha, size) -> None:
+@pytest.mark.parametrize("chroma", [0.0, 3.0])
+def test_fused_priors_equal_the_torch_priors(beta, alpha, size, chroma) -> None:
     torch.manual_seed(0)
     images = torch.rand(2, 3, *size, requires_grad=True)
-    tv_prior, alpha_prior = PixelPrior("tv", beta), PixelPrior("alpha", alpha)
+    tv_prior, alpha_prior = PixelPrior("tv", beta, chroma), PixelPrior("alpha", alpha)
     tv_weight, alpha_weight = 0.3, 0.7
     context = Context(images)
     tv_expected, alpha_expected = tv_weight * tv_prior(context), alpha_weight * alpha_prior(context)
@@ -70,7 +71,7 @@ def test_fused_priors_equal_the_torch_priors(beta, alpha, size) -> None:
     grad = left.clone()
     tv_values, alpha_values = _native.priors(
         images.detach(), grad, tv_weight * tv_prior.scale, beta, TV_EPSILON,
-        alpha_weight * alpha_prior.scale, alpha, MEAN_PIXEL,
+        alpha_weight * alpha_prior.scale, alpha, MEAN_PIXEL, chroma,
     )
     assert torch.allclose((tv_values * tv_weight * tv_prior.scale).float(), tv_expected.detach(), rtol=1e-5)
     assert torch.allclose((alpha_values * alpha_weight * alpha_prior.scale).float(), alpha_expected.detach(), rtol=1e-5)
@@ -104,7 +105,7 @@ def test_a_native_step_equals_the_torch_step() -> None:
     torch path's image, gradients and updated levels."""
     rep = representation("efficientnet_lite0:blocks.1")
     photo = sample_image("chelsea", 40)
-    settings = Settings(iters=3).resolved(rep)
+    settings = Settings(iters=3, tv_chroma=2.0).resolved(rep)  # the colour-weighted TV, too
     with torch.no_grad():
         target = rep(photo[None])
     objective = default_objective(rep, target, None, settings, (40, 40))
@@ -128,7 +129,8 @@ def test_a_native_step_equals_the_torch_step() -> None:
         if native:
             assert pyramid.fused is not None
             values = pyramid.fused.update(
-                image.detach(), image.grad, lr, (tv[1] * tv[2].scale, 2.0, TV_EPSILON, alpha[1] * alpha[2].scale, 6.0)
+                image.detach(), image.grad, lr,
+                (tv[1] * tv[2].scale, 2.0, tv[2].chroma, TV_EPSILON, alpha[1] * alpha[2].scale, 6.0),
             )
             assert [v[0] for v in values] == pytest.approx(torch_priors, rel=1e-5)
             grads = [image.grad, *pyramid.fused.grads[1:]]
@@ -160,7 +162,7 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_several(monkeypatch) ->
                 level.copy_(torch.randn(level.shape, generator=torch.Generator().manual_seed(index)) * 0.1)
         image = pyramid.image()
         grad = torch.randn(image.shape, generator=torch.Generator().manual_seed(9))
-        values = pyramid.fused.update(image, grad, 0.03, (0.5, 1.0, 1e-6, 0.2, 6.0))
+        values = pyramid.fused.update(image, grad, 0.03, (0.5, 1.0, 3.0, 1e-6, 0.2, 6.0))
         outcomes.append([image, grad, *map(torch.tensor, values), *[level.clone() for level in pyramid.levels], *pyramid.fused.grads[1:]])
     for single, several in zip(*outcomes):
         assert torch.equal(single, several)

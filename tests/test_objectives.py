@@ -13,9 +13,10 @@ def images(seed: int = 0, shape: tuple[int, ...] = (2, 3, 6, 7)) -> torch.Tensor
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5, 2.0])
-def test_tv_gradcheck(beta: float) -> None:
+@pytest.mark.parametrize("chroma", [0.0, 3.0])
+def test_tv_gradcheck(beta: float, chroma: float) -> None:
     x = images().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: tv(beta)(Context(t)), (x,))
+    assert torch.autograd.gradcheck(lambda t: tv(beta, chroma)(Context(t)), (x,))
 
 
 @pytest.mark.parametrize("alpha", [2.0, 6.0])
@@ -82,6 +83,22 @@ def test_tv_value_by_hand() -> None:
     expected = 3 * 0.3**2 / VARIATION_SCALE**2
     assert tv(2.0)(Context(x)).item() == pytest.approx(expected)
     assert tv(1.0)(Context(x)).item() == pytest.approx(math.sqrt(3 * 0.3**2 + 1e-8) / VARIATION_SCALE)
+
+
+def test_chroma_weighs_colour_variation_and_leaves_brightness_alone() -> None:
+    x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    x[0, 0, 0, 1] = 0.3  # only the red channel differs: Δ = (0.3, 0, 0), a brightness step of 0.1
+    # Stretched about the channel mean 0.1: (0.1 + 0.2 s, 0.1 − 0.1 s, 0.1 − 0.1 s), s² = 1 + chroma.
+    for chroma in (0.0, 3.0):
+        expected = (0.03 + 0.06 * (1 + chroma)) / VARIATION_SCALE**2
+        assert tv(2.0, chroma)(Context(x)).item() == pytest.approx(expected)
+    grey = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    grey[0, :, 0, 1] = 0.3
+    assert tv(2.0, 3.0)(Context(grey)).item() == pytest.approx(tv(2.0)(Context(grey)).item())
+    one_channel = torch.rand(1, 1, 4, 5, dtype=torch.float64)
+    assert tv(1.0, 3.0)(Context(one_channel)).item() == pytest.approx(tv(1.0)(Context(one_channel)).item())
+    with pytest.raises(ValueError, match="chroma"):
+        tv(2.0, -1.0)
 
 
 @pytest.mark.parametrize("beta", [2.0, 1.0])

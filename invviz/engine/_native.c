@@ -206,13 +206,12 @@ static void finish_row(const struct finish_rows *f, const float *grad, size_t pl
 
 /* Quadratic TV (beta = 2) on row i of one plane: s^(beta/2) = s is a sum over planes, so each
  * plane adds its own sum of dx^2 + dy^2 over the row's corners, and its gradient is k times a
- * Laplacian-like stencil (with the terms of corners that exist). Writes only row i of g; returns
- * the row's sum over corners (0 for the last row, which has none). */
-static double quadratic_tv_row(const float *p, float *g, int H, int W, float k, int i)
+ * Laplacian-like stencil (with the terms of corners that exist). Adds into `o`, row i of the
+ * gradient; returns the row's sum over corners (0 for the last row, which has none). */
+static double quadratic_tv_row(const float *p, float *o, int H, int W, float k, int i)
 {
     int rows = H - 1, cols = W - 1;
     const float *r = p + (size_t)i * W;
-    float *o = g + (size_t)i * W;
     double acc = 0.0;
     if (i < rows) {
 #pragma omp simd reduction(+ : acc)
@@ -279,14 +278,15 @@ static double tv_corner_row(const float *x, size_t plane, int C, int W, int i, d
 
 /* Gradient of TV with beta != 2 on row i of every plane, from the corner factors `slope`
  * ((H-1) x (W-1)): -k (dx + dy) of the corner at a pixel, +k dx of the corner to its left, +k dy
- * of the corner above it (where those corners exist). */
-static void tv_gradient_row(const float *x, float *grad, size_t plane, int C, int H, int W, int i,
+ * of the corner above it (where those corners exist). Adds into `out` + c `stride`, row i of
+ * plane c's gradient. */
+static void tv_gradient_row(const float *x, float *out, size_t stride, size_t plane, int C, int H, int W, int i,
                             const float *slope)
 {
     int rows = H - 1, cols = W - 1;
     for (int c = 0; c < C; ++c) {
         const float *r = x + c * plane + (size_t)i * W;
-        float *o = grad + c * plane + (size_t)i * W;
+        float *o = out + c * stride;
         const float *k = slope + (size_t)i * cols;
         if (i < rows) {
             for (int j = 0; j < cols; ++j)
@@ -351,41 +351,139 @@ static double alpha_norm_row(const float *x, float *grad, size_t plane, int C, i
     return acc;
 }
 
+/* Row i of T x into `mixed`, T = the colour stretch of the TV prior: each pixel's mean over the
+ * planes plus `stretch` times its difference from that mean (T is symmetric: its own adjoint). */
+static void stretch_colour_row(const float *x, float *mixed, size_t plane, int C, int W, int i, float stretch)
+{
+    size_t offset = (size_t)i * W;
+    float mean[W], share = (1.0f - stretch) / (float)C;
+    for (int j = 0; j < W; ++j)
+        mean[j] = 0.0f;
+    for (int c = 0; c < C; ++c)
+        for (int j = 0; j < W; ++j)
+            mean[j] += x[c * plane + offset + j];
+    /* mean + stretch (x - mean) = stretch x + (1 - stretch) mean */
+    for (int c = 0; c < C; ++c) {
+        const float *r = x + c * plane + offset;
+        float *o = mixed + c * plane + offset;
+        for (int j = 0; j < W; ++j)
+            o[j] = stretch * r[j] + share * mean[j];
+    }
+}
+
+/* Adds M `local` into row i of `grad`, M = a I - (b / C) 1 1^T acting on each pixel's C values
+ * (`local`: C rows of W floats). T itself is a = stretch, b = stretch - 1; T^2 = I + chroma P is
+ * a = 1 + chroma, b = chroma. */
+static void add_colour_mixed_row(const float *local, float *grad, size_t plane, int C, int W, int i, float a,
+                                 float b)
+{
+    size_t offset = (size_t)i * W;
+    float total[W], share = b / (float)C;
+    for (int j = 0; j < W; ++j)
+        total[j] = 0.0f;
+    for (int c = 0; c < C; ++c)
+        for (int j = 0; j < W; ++j)
+            total[j] += local[c * W + j];
+    for (int c = 0; c < C; ++c) {
+        const float *l = local + c * W;
+        float *g = grad + c * plane + offset;
+        for (int j = 0; j < W; ++j)
+            g[j] += a * l[j] - share * total[j];
+    }
+}
+
+/* Quadratic TV of T x on row i, without forming T x: TV(T x) sums d^T T^2 d over the corners'
+ * differences d, = (1 + chroma) |d|^2 - (chroma / C) (sum_c d_c)^2, and its gradient is T^2 times
+ * plain TV's, k times the stencil (quadratic_tv_row). Adds into row i of every plane of `grad`;
+ * returns the row's value. */
+static double colour_quadratic_tv_row(const float *x, float *grad, size_t plane, int C, int H, int W, float k,
+                                      double chroma, int i)
+{
+    float local[C * W];
+    for (int n = 0; n < C * W; ++n)
+        local[n] = 0.0f;
+    double plain = 0.0, brightness = 0.0;
+    for (int c = 0; c < C; ++c)
+        plain += quadratic_tv_row(x + c * plane, local + c * W, H, W, k, i);
+    if (i < H - 1) {
+        /* Sums over the planes of row i and row i + 1, then their differences. */
+        float here[W], below[W];
+        size_t offset = (size_t)i * W;
+        for (int j = 0; j < W; ++j)
+            here[j] = below[j] = 0.0f;
+        for (int c = 0; c < C; ++c) {
+            const float *r = x + c * plane + offset;
+            for (int j = 0; j < W; ++j) {
+                here[j] += r[j];
+                below[j] += r[j + W];
+            }
+        }
+#pragma omp simd reduction(+ : brightness)
+        for (int j = 0; j < W - 1; ++j) {
+            float dx = here[j + 1] - here[j], dy = below[j] - here[j];
+            brightness += (double)(dx * dx + dy * dy);
+        }
+    }
+    add_colour_mixed_row(local, grad, plane, C, W, i, (float)(1.0 + chroma), (float)chroma);
+    return (1.0 + chroma) * plain - chroma / C * brightness;
+}
+
 /* Both pixel priors of one image (C, H, W) in one sweep over its rows (two with beta != 2, which
  * needs every corner's factor first): TV^beta = mean over corners (i < H-1, j < W-1) of
  * s^(beta/2), s = sum over planes of dx^2 + dy^2 (+ epsilon when beta != 2), and the alpha-norm =
  * mean over pixels of (sum_c (x_c - mean_c)^2)^(alpha/2); each weight times its gradient is added to
- * grad, a zero weight skips that prior (its value stays 0). `slope` is scratch for (H-1) x (W-1)
- * floats, `sums` for 2 H doubles (per-row sums, added up serially). With `finish`, each row of
- * the gradient is passed on (finish_row) as soon as it is final, while it is in cache. */
+ * grad, a zero weight skips that prior (its value stays 0). With `chroma` != 0 (and C > 1), TV is
+ * taken of T x (stretch_colour_row, stretch sqrt(1 + chroma)): for beta = 2 row by row
+ * (colour_quadratic_tv_row), else T x is written to `mixed` (C H W floats) first and the gradient
+ * carried back through T row by row. `slope` is scratch for
+ * (H-1) x (W-1) floats, `sums` for 2 H doubles (per-row sums, added up serially). With `finish`,
+ * each row of the gradient is passed on (finish_row) as soon as it is final, while it is in cache. */
 static void image_priors(const float *x, float *grad, int C, int H, int W, double tv_weight, double beta,
-                         double epsilon, double alpha_weight, double alpha, const float *mean, float *slope,
-                         double *sums, double *tv_out, double *alpha_out, const struct finish_rows *finish,
-                         int threads)
+                         double chroma, double epsilon, double alpha_weight, double alpha, const float *mean,
+                         float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
+                         const struct finish_rows *finish, int threads)
 {
     size_t plane = (size_t)H * W, corners = (size_t)(H - 1) * (W - 1);
     int tv = tv_weight != 0.0 && H > 1 && W > 1, quadratic = beta == 2.0, norm = alpha_weight != 0.0;
+    int stretched = tv && chroma != 0.0 && C > 1;
+    float stretch = stretched ? (float)sqrt(1.0 + chroma) : 1.0f;
+    int mixing = stretched && !quadratic; /* TV of T x formed in `mixed` */
+    const float *source = mixing ? mixed : x;
     /* The 2 in the TV factor is d(dx^2)/d(dx). */
     float tv_scale = tv ? (float)(2.0 * tv_weight / (double)corners) : 0.0f;
     float alpha_scale = (float)(alpha_weight * alpha / (double)plane);
     double *tv_rows = sums, *alpha_rows = sums + H;
 #pragma omp parallel num_threads(threads) if (threads > 1 && (long)C * H * W >= PARALLEL_MIN)
     {
+        if (mixing) {
+#pragma omp for schedule(static)
+            for (int i = 0; i < H; ++i)
+                stretch_colour_row(x, mixed, plane, C, W, i, stretch);
+        }
         if (tv && !quadratic) {
 #pragma omp for schedule(static)
             for (int i = 0; i < H - 1; ++i)
-                tv_rows[i] = tv_corner_row(x, plane, C, W, i, beta, (float)epsilon, tv_scale,
+                tv_rows[i] = tv_corner_row(source, plane, C, W, i, beta, (float)epsilon, tv_scale,
                                            slope + (size_t)i * (W - 1));
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < H; ++i) {
-            if (tv && quadratic) {
+            if (tv && quadratic && stretched) {
+                tv_rows[i] = colour_quadratic_tv_row(x, grad, plane, C, H, W, tv_scale, chroma, i);
+            } else if (tv && quadratic) {
                 double row = 0.0;
                 for (int c = 0; c < C; ++c)
-                    row += quadratic_tv_row(x + c * plane, grad + c * plane, H, W, tv_scale, i);
+                    row += quadratic_tv_row(x + c * plane, grad + c * plane + (size_t)i * W, H, W, tv_scale, i);
                 tv_rows[i] = row;
+            } else if (tv && !mixing) {
+                tv_gradient_row(x, grad + (size_t)i * W, plane, plane, C, H, W, i, slope);
             } else if (tv) {
-                tv_gradient_row(x, grad, plane, C, H, W, i, slope);
+                /* Through a row buffer that T then carries back (T is symmetric). */
+                float local[C * W];
+                for (int n = 0; n < C * W; ++n)
+                    local[n] = 0.0f;
+                tv_gradient_row(mixed, local, (size_t)W, plane, C, H, W, i, slope);
+                add_colour_mixed_row(local, grad, plane, C, W, i, stretch, stretch - 1.0f);
             }
             if (norm) {
                 float scratch[W];
@@ -410,13 +508,13 @@ static void image_priors(const float *x, float *grad, int C, int H, int W, doubl
 /* Both pixel priors for a batch (B, C, H, W) (see image_priors): values (unweighted, unnormalized by
  * the caller's scales) go to tv_out[b] and alpha_out[b]; weight times each gradient is added to grad. */
 void invviz_priors(const float *x, float *grad, int B, int C, int H, int W, double tv_weight, double beta,
-                   double epsilon, double alpha_weight, double alpha, const float *mean, float *slope, double *sums,
-                   double *tv_out, double *alpha_out, int threads)
+                   double chroma, double epsilon, double alpha_weight, double alpha, const float *mean, float *slope,
+                   float *mixed, double *sums, double *tv_out, double *alpha_out, int threads)
 {
     size_t image = (size_t)C * H * W;
     for (int b = 0; b < B; ++b)
-        image_priors(x + b * image, grad + b * image, C, H, W, tv_weight, beta, epsilon, alpha_weight, alpha, mean,
-                     slope, sums, tv_out + b, alpha_out + b, NULL, threads);
+        image_priors(x + b * image, grad + b * image, C, H, W, tv_weight, beta, chroma, epsilon, alpha_weight, alpha,
+                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, NULL, threads);
 }
 
 /* One Adam step (torch.optim.Adam's update, no weight decay) over `count` parameters. */
@@ -455,12 +553,12 @@ void invviz_compose(int planes, int levels, float *const *params, const int *hei
  * priors of `image` (values to tv_out / alpha_out, weighted gradients added into grads[0], the
  * image's gradient; zero weights skip them), each coarser level's gradient (grads[l] = up^T of
  * grads[l - 1]) and one Adam step of every level with its moments. Scratch: `slope` H x W floats,
- * `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
+ * `mixed` C H W floats, `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
 void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
                    float *const *firsts, float *const *seconds, const int *heights, const int *widths,
-                   double tv_weight, double beta, double epsilon, double alpha_weight, double alpha,
-                   const float *mean, float *slope, double *sums, double *tv_out, double *alpha_out, float *rows,
-                   double lr, double beta1, double beta2, double adam_epsilon, int step, int threads)
+                   double tv_weight, double beta, double chroma, double epsilon, double alpha_weight, double alpha,
+                   const float *mean, float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
+                   float *rows, double lr, double beta1, double beta2, double adam_epsilon, int step, int threads)
 {
     int H = heights[0], W = widths[0];
     size_t image_size = (size_t)C * H * W;
@@ -471,8 +569,8 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
         struct finish_rows finish = {params[0] + offset, firsts[0] + offset, seconds[0] + offset,
                                      levels > 1 ? rows + (size_t)b * C * H * widths[1] : NULL,
                                      levels > 1 ? widths[1] : 0, adam};
-        image_priors(image + offset, grads[0] + offset, C, H, W, tv_weight, beta, epsilon, alpha_weight, alpha, mean,
-                     slope, sums, tv_out + b, alpha_out + b, &finish, threads);
+        image_priors(image + offset, grads[0] + offset, C, H, W, tv_weight, beta, chroma, epsilon, alpha_weight, alpha,
+                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, &finish, threads);
     }
     if (levels > 1) {
         long coarse_rows = (long)B * C * heights[1];

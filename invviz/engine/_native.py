@@ -43,16 +43,16 @@ _SIGNATURES: dict[str, list[type]] = {
     "invviz_upsample_add": [_ptr_t, _int, _int, _ptr_t, _ptr_t, _int, _int, _int, _int, _int],
     "invviz_clamp_into": [_ptr_t, _ptr_t, _size, _int],
     "invviz_upsample_adjoint": [_ptr_t, _int, _int, _ptr_t, _int, _int, _int, _ptr_t, _int],
-    "invviz_priors": [_ptr_t, _ptr_t, _int, _int, _int, _int, _dbl, _dbl, _dbl, _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t,
-                      _ptr_t, _ptr_t, _int],
+    "invviz_priors": [_ptr_t, _ptr_t, _int, _int, _int, _int, _dbl, _dbl, _dbl, _dbl, _dbl, _dbl, _ptr_t, _ptr_t,
+                      _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
     "invviz_adam": [_ptr_t, _ptr_t, _ptr_t, _ptr_t, _size, _dbl, _dbl, _dbl, _dbl, _int, _int],
     "invviz_compose": [_int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
     "invviz_relative_error": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _int, _dbl, _dbl, _ptr_t, _ptr_t,
                               _ptr_t, _int],
     "invviz_relative_error_grad": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _ptr_t, _int],
     "invviz_update": [_ptr_t, _int, _int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
-                      _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl, _dbl, _int,
-                      _int],
+                      _dbl, _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
+                      _dbl, _int, _int],
 }
 
 
@@ -203,18 +203,21 @@ def priors(
     alpha_weight: float,
     alpha: float,
     mean: tuple[float, ...],
+    chroma: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Per-image TV^β and α-norm values ``(B,)`` (float64, unweighted means) of ``(B, C, H, W)``
-    images; adds ``tv_weight``·∇TV + ``alpha_weight``·∇α into ``grad`` in place."""
+    images; adds ``tv_weight``·∇TV + ``alpha_weight``·∇α into ``grad`` in place. ``chroma``: the
+    TV prior's extra weight on colour differences (``objectives.tv``)."""
     batch, channels, height, width = images.shape
     tv_values = torch.zeros(batch, dtype=torch.float64)
     alpha_values = torch.zeros(batch, dtype=torch.float64)
     slope = torch.empty(height * width)
+    mixed = torch.empty(channels * height * width)
     sums = torch.empty(2 * height, dtype=torch.float64)
     centre = torch.tensor(mean, dtype=torch.float32)
     _lib().invviz_priors(
-        images.data_ptr(), grad.data_ptr(), batch, channels, height, width, tv_weight, beta, epsilon, alpha_weight, alpha,
-        centre.data_ptr(), slope.data_ptr(), sums.data_ptr(),
+        images.data_ptr(), grad.data_ptr(), batch, channels, height, width, tv_weight, beta, chroma, epsilon,
+        alpha_weight, alpha, centre.data_ptr(), slope.data_ptr(), mixed.data_ptr(), sums.data_ptr(),
         tv_values.data_ptr(), alpha_values.data_ptr(), threads(),
     )
     return tv_values, alpha_values
@@ -280,6 +283,7 @@ class Levels:
         self.grads = [levels[0], *[torch.empty_like(level) for level in levels[1:]]]
         self.partial = [levels[0], *[torch.empty_like(level) for level in levels[1:]]]
         self.slope = torch.empty(height * width)
+        self.mixed = torch.empty(channels * height * width)  # TV's colour-stretched image, one at a time
         self.sums = torch.empty(2 * height, dtype=torch.float64)
         self.rows = torch.empty(batch * channels * height * ((width + 1) // 2))
         self.tv_values = torch.zeros(batch, dtype=torch.float64)
@@ -295,7 +299,8 @@ class Levels:
         self._compose, self._update = lib.invviz_compose, lib.invviz_update
         # Scratch addresses, fixed for the life of the pyramid.
         self._scratch = (
-            self.centre.data_ptr(), self.slope.data_ptr(), self.sums.data_ptr(), self.tv_values.data_ptr(),
+            self.centre.data_ptr(), self.slope.data_ptr(), self.mixed.data_ptr(), self.sums.data_ptr(),
+            self.tv_values.data_ptr(),
             self.alpha_values.data_ptr(), self.rows.data_ptr(),
         )
 
@@ -306,18 +311,19 @@ class Levels:
                       self.partial_table, out.data_ptr(), threads())
         return out
 
-    def update(self, image: Tensor, grad: Tensor, lr: float, priors: tuple[float, float, float, float, float],
+    def update(self, image: Tensor, grad: Tensor, lr: float, priors: tuple[float, float, float, float, float, float],
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> tuple[list[float], list[float]]:
         """Add the priors' weighted gradients into ``grad`` (the image's, contiguous), take one Adam
         step of every level, and return the priors' per-image values (unweighted).
 
-        ``priors`` is ``(tv_weight, beta, epsilon, alpha_weight, alpha)``; a zero weight skips a prior."""
+        ``priors`` is ``(tv_weight, beta, chroma, epsilon, alpha_weight, alpha)`` (see ``priors``);
+        a zero weight skips a prior."""
         self.steps += 1
         self.grads_table[0] = grad.data_ptr()
-        tv_weight, beta, epsilon, alpha_weight, alpha = priors
+        tv_weight, beta, chroma, epsilon, alpha_weight, alpha = priors
         self._update(
             image.data_ptr(), self.batch, self.channels, len(self.levels), self.params_table, self.grads_table,
-            self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, epsilon, alpha_weight,
-            alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, threads(),
+            self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, chroma, epsilon,
+            alpha_weight, alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, threads(),
         )
         return self.tv_values.tolist(), self.alpha_values.tolist()

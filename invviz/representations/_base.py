@@ -111,6 +111,12 @@ class Representation(nn.Module):
             return 0.01
         return 0.03 if stride <= 16 else 0.06
 
+    def default_tv_chroma(self) -> float:
+        """The TV prior's extra weight on colour variation (``Settings.tv_chroma``) when none is
+        given: 3 from stride 8 on, where codes keep little fine colour, else 0 (plain TV).
+        One-channel representations are unaffected either way."""
+        return 3.0 if not self.grayscale and self.stride() >= 8 else 0.0
+
     def default_iters(self) -> int:
         """Optimization steps that reach a good reconstruction of this representation.
 
