@@ -131,13 +131,16 @@ def test_layer_and_model_change_update_the_picker(explorer: Explorer) -> None:
     assert explorer.result is not None and explorer.result.spec == "efficientnet_lite0:blocks.1"
     rep = explorer._code_rep
     assert rep is not None and explorer.result.settings.tv_weight == rep.default_tv_weight()
+    assert explorer.result.settings.tv_chroma == 0.0  # stride 4: plain TV
     explorer.layer = "blocks.10"  # the TV weight follows the layer's default...
     explorer.wait(60)
     assert explorer.result.settings.tv_weight == explorer._representation().default_tv_weight()
+    assert explorer.result.settings.tv_chroma == 3.0 and explorer.tv_chroma == 3.0  # so does the colour TV
     explorer.tv_weight = 0.5  # ... until the user sets one
-    explorer.layer = "blocks.4"
+    explorer.tv_chroma = 1.5
+    explorer.layer = "blocks.1"
     explorer.wait(60)
-    assert explorer.result.settings.tv_weight == 0.5
+    assert explorer.result.settings.tv_weight == 0.5 and explorer.result.settings.tv_chroma == 1.5
     explorer.model = "hog"
     explorer.wait(60)
     assert explorer.layer == "features" and explorer.error == ""

@@ -38,6 +38,9 @@ class Explorer(InversionWidget[InversionResult]):
 
     tv_weight = traitlets.Float(0.01, help="weight of the TV^β prior; follows the layer's default until set")
     tv_beta = traitlets.Float(2.0, help="β of the TV^β prior")
+    tv_chroma = traitlets.Float(
+        0.0, min=0.0, help="TV's extra weight on colour variation; follows the layer's default until set"
+    )
     alpha_weight = traitlets.Float(1e-4, help="weight of the α-norm prior")
     alpha = traitlets.Float(6.0, help="α of the α-norm prior")
     jitter = traitlets.Int(0, min=0, help="largest random shift per step in pixels (0: off)")
@@ -60,6 +63,7 @@ class Explorer(InversionWidget[InversionResult]):
         *InversionWidget.rerun_on,
         "tv_weight",
         "tv_beta",
+        "tv_chroma",
         "alpha_weight",
         "alpha",
         "jitter",
@@ -81,7 +85,8 @@ class Explorer(InversionWidget[InversionResult]):
         **traits: Any,
     ) -> None:
         super().__init__(model=model, layer=layer, engine=engine, device=device, debounce=debounce, **traits)
-        self._tv_follows_layer = tv_weight is None
+        # The TV traits take each layer's defaults until the user sets them.
+        self._follows_layer = {"tv_weight": tv_weight is None, "tv_chroma": "tv_chroma" not in traits}
         if tv_weight is not None:
             self.tv_weight = tv_weight
         if image in SAMPLES:
@@ -97,7 +102,7 @@ class Explorer(InversionWidget[InversionResult]):
         traitlets.link((self, "mask"), (self.picker, "mask"))
         self._build()
         self.observe(self._reporting(self._on_selection), names=["mask", "channel"])
-        self.observe(self._on_tv_weight, names=["tv_weight"])
+        self.observe(self._on_tv_choice, names=["tv_weight", "tv_chroma"])
         self._refresh_code()
         if autorun:
             self.run()
@@ -123,6 +128,7 @@ class Explorer(InversionWidget[InversionResult]):
             iters=self.iters,
             tv_weight=self.tv_weight,
             tv_beta=self.tv_beta,
+            tv_chroma=self.tv_chroma,
             alpha_weight=self.alpha_weight,
             alpha=self.alpha,
             jitter=self.jitter,
@@ -180,8 +186,10 @@ class Explorer(InversionWidget[InversionResult]):
             with self._quietly():
                 self.picker.image = self.original
                 self._show_activation()
-                if self._tv_follows_layer:
+                if self._follows_layer["tv_weight"]:
                     self.tv_weight = rep.default_tv_weight()
+                if self._follows_layer["tv_chroma"]:
+                    self.tv_chroma = rep.default_tv_chroma()
         return rep, image
 
     def _show_activation(self) -> None:
@@ -205,9 +213,9 @@ class Explorer(InversionWidget[InversionResult]):
         if change["name"] == "mask" or any(any(row) for row in self.mask):
             self._schedule()
 
-    def _on_tv_weight(self, _change: dict[str, Any]) -> None:
+    def _on_tv_choice(self, change: dict[str, Any]) -> None:
         if not self._is_quiet():
-            self._tv_follows_layer = False  # the user chose a weight: keep it across layers
+            self._follows_layer[change["name"]] = False  # the user chose it: keep it across layers
 
     def _update_crops(self) -> None:
         rows = [r for r, row in enumerate(self.mask) if any(row)]
@@ -243,6 +251,7 @@ class Explorer(InversionWidget[InversionResult]):
                 readout_format=".2g",
             ),
             slider(widgets.FloatSlider, "tv_beta", "TV β", min=1.0, max=3.0, step=0.1),
+            slider(widgets.FloatSlider, "tv_chroma", "TV colour", min=0.0, max=10.0, step=0.5),
             slider(
                 widgets.FloatLogSlider,
                 "alpha_weight",
