@@ -138,9 +138,12 @@ def test_a_native_step_equals_the_torch_step() -> None:
             torch_priors = [terms[name].item() / weight / fn.scale for name, weight, fn in (tv, alpha)]
             grads = [level.grad.clone() for level in pyramid.levels]
             torch.optim.Adam(pyramid.levels, lr=lr).step()
-        results.append((image.detach().clone(), grads, [level.detach().clone() for level in pyramid.levels]))
-    (torch_image, torch_grads, torch_levels), (native_image, native_grads, native_levels) = results
+        # The next step's image (natively composed by ``update`` already) and the clamped levels.
+        following = pyramid.image().detach().clone()
+        results.append((image.detach().clone(), grads, [level.detach().clone() for level in pyramid.levels], following))
+    (torch_image, torch_grads, torch_levels, torch_next), (native_image, native_grads, native_levels, native_next) = results
     assert torch.allclose(native_image, torch_image, atol=1e-6)
+    assert torch.allclose(native_next, torch_next, atol=lr * 1e-3)
     for expected, got in zip(torch_grads, native_grads):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     # Adam's first step is ±lr wherever |grad| ≫ its ε, but near ε it amplifies float rounding of
@@ -163,7 +166,8 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_several(monkeypatch) ->
         image = pyramid.image()
         grad = torch.randn(image.shape, generator=torch.Generator().manual_seed(9))
         values = pyramid.fused.update(image, grad, 0.03, (0.5, 1.0, 3.0, 1e-6, 0.2, 6.0))
-        outcomes.append([image, grad, *map(torch.tensor, values), *[level.clone() for level in pyramid.levels], *pyramid.fused.grads[1:]])
+        following = pyramid.image()  # composed by the update
+        outcomes.append([image, grad, following, *map(torch.tensor, values), *[level.clone() for level in pyramid.levels], *pyramid.fused.grads[1:]])
     for single, several in zip(*outcomes):
         assert torch.equal(single, several)
 

@@ -552,13 +552,16 @@ void invviz_compose(int planes, int levels, float *const *params, const int *hei
 /* Everything a step does after the network, for a pyramid of B images of C planes: the pixel
  * priors of `image` (values to tv_out / alpha_out, weighted gradients added into grads[0], the
  * image's gradient; zero weights skip them), each coarser level's gradient (grads[l] = up^T of
- * grads[l - 1]) and one Adam step of every level with its moments. Scratch: `slope` H x W floats,
- * `mixed` C H W floats, `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
+ * grads[l - 1]) and one Adam step of every level with its moments; then, with `next` != NULL,
+ * the next step's image composed into it (invviz_compose, `partial` its scratch) while the
+ * levels are still in cache. Scratch: `slope` H x W floats, `mixed` C H W floats, `sums` 2 H
+ * doubles, `rows` B C H ceil(W / 2) floats. */
 void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
                    float *const *firsts, float *const *seconds, const int *heights, const int *widths,
                    double tv_weight, double beta, double chroma, double epsilon, double alpha_weight, double alpha,
                    const float *mean, float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
-                   float *rows, double lr, double beta1, double beta2, double adam_epsilon, int step, int threads)
+                   float *rows, double lr, double beta1, double beta2, double adam_epsilon, int step,
+                   float *const *partial, float *next, int threads)
 {
     int H = heights[0], W = widths[0];
     size_t image_size = (size_t)C * H * W;
@@ -585,6 +588,8 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
     for (int l = 1; l < levels; ++l)
         invviz_adam(params[l], grads[l], firsts[l], seconds[l], (size_t)B * C * heights[l] * widths[l], lr, beta1,
                     beta2, adam_epsilon, step, threads);
+    if (next)
+        invviz_compose(B * C, levels, params, heights, widths, partial, next, threads);
 }
 
 /* Elements per partial sum of the data term: sums are over these fixed chunks, then added up

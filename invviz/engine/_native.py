@@ -52,7 +52,7 @@ _SIGNATURES: dict[str, list[type]] = {
     "invviz_relative_error_grad": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _ptr_t, _int],
     "invviz_update": [_ptr_t, _int, _int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
                       _dbl, _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
-                      _dbl, _int, _int],
+                      _dbl, _int, _ptr_t, _ptr_t, _int],
 }
 
 
@@ -270,7 +270,9 @@ def _table(tensors: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
 class Levels:
     """A pyramid's levels ``(B, C, H_l, W_l)`` (``H_{l+1} = ⌈H_l / 2⌉``) with their Adam moments and
     every buffer the two per-step kernels need, allocated once: ``compose()`` before the network,
-    ``update(...)`` after it (priors, each level's gradient, Adam: one call instead of a dozen)."""
+    ``update(...)`` after it (priors, each level's gradient, Adam: one call instead of a dozen).
+    ``update`` also composes the next image while the levels are in cache, and the next
+    ``compose()`` hands that over instead of composing again."""
 
     def __init__(self, levels: list[Tensor], mean: tuple[float, ...]) -> None:
         self.levels = levels
@@ -297,6 +299,7 @@ class Levels:
         self.centre = torch.tensor(mean, dtype=torch.float32) if len(mean) == channels else torch.zeros(channels)
         lib = _lib()
         self._compose, self._update = lib.invviz_compose, lib.invviz_update
+        self._next: Tensor | None = None  # the image composed by the last update, not yet handed out
         # Scratch addresses, fixed for the life of the pyramid.
         self._scratch = (
             self.centre.data_ptr(), self.slope.data_ptr(), self.mixed.data_ptr(), self.sums.data_ptr(),
@@ -306,6 +309,9 @@ class Levels:
 
     def compose(self) -> Tensor:
         """The composed image, clamped to [0, 1], the excess moved into the finest level."""
+        if self._next is not None:
+            out, self._next = self._next, None
+            return out
         out = torch.empty_like(self.levels[0])
         self._compose(self.batch * self.channels, len(self.levels), self.params_table, self.heights, self.widths,
                       self.partial_table, out.data_ptr(), threads())
@@ -317,13 +323,17 @@ class Levels:
         step of every level, and return the priors' per-image values (unweighted).
 
         ``priors`` is ``(tv_weight, beta, chroma, epsilon, alpha_weight, alpha)`` (see ``priors``);
-        a zero weight skips a prior."""
+        a zero weight skips a prior. It also composes the next image, which the next ``compose()``
+        returns; so the levels come back as ``compose()`` leaves them (the excess over [0, 1]
+        moved into the finest level)."""
         self.steps += 1
         self.grads_table[0] = grad.data_ptr()
+        self._next = torch.empty_like(self.levels[0])
         tv_weight, beta, chroma, epsilon, alpha_weight, alpha = priors
         self._update(
             image.data_ptr(), self.batch, self.channels, len(self.levels), self.params_table, self.grads_table,
             self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, chroma, epsilon,
-            alpha_weight, alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, threads(),
+            alpha_weight, alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, self.partial_table,
+            self._next.data_ptr(), threads(),
         )
         return self.tv_values.tolist(), self.alpha_values.tolist()
