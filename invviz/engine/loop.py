@@ -342,7 +342,7 @@ class _Pyramid:
             if min(size) < 2:
                 break
             self.levels.append(start.new_zeros(batch, channels, *size).requires_grad_(not native))
-        # Natively: the levels' Adam moments and the kernels' buffers, for the two calls of a step.
+        # Natively: the levels' Adam moments and the kernels' buffers (see _native.Levels).
         self.fused = _native.Levels(self.levels, MEAN_PIXEL) if native else None
 
     def compose(self) -> Tensor:
