@@ -3,9 +3,9 @@
 An inversion step on the CPU spends most of its time in the network; what it does around it
 (pyramid composition, clamping, pixel priors, Adam, the data term) costs dozens of torch
 operations, each a pass over the image, and each slow right after the network has pushed torch's
-and the interpreter's code out of the caches. Here a step is four calls: ``Levels.compose`` before
-the network, ``DataTerm.value`` and ``DataTerm.gradient`` around its backward, ``Levels.update``
-after it. The C file is compiled with the system's C compiler into a per-user cache the first time
+and the interpreter's code out of the caches. Here a step is three calls: ``DataTerm.value`` and
+``DataTerm.gradient`` around the network's backward, and ``Levels.update`` after it, which also
+composes the next step's image (``Levels.compose`` hands it over). The C file is compiled with the system's C compiler into a per-user cache the first time
 it is needed, with OpenMP where the compiler has it; its threads are used only where they are
 torch's own (``threads()``). Without a compiler (or with ``INVVIZ_NATIVE=0`` in the environment)
 ``library()`` is ``None`` and the engine uses torch operations for the same arithmetic.
@@ -269,10 +269,10 @@ def _table(tensors: list[Tensor]) -> ctypes.Array[ctypes.c_void_p]:
 
 class Levels:
     """A pyramid's levels ``(B, C, H_l, W_l)`` (``H_{l+1} = ⌈H_l / 2⌉``) with their Adam moments and
-    every buffer the two per-step kernels need, allocated once: ``compose()`` before the network,
-    ``update(...)`` after it (priors, each level's gradient, Adam: one call instead of a dozen).
-    ``update`` also composes the next image while the levels are in cache, and the next
-    ``compose()`` hands that over instead of composing again."""
+    every buffer the per-step kernel needs, allocated once: ``update(...)`` after the network
+    (priors, each level's gradient, Adam: one call instead of a dozen) also composes the next
+    image while the levels are in cache, and ``compose()`` before the network hands that over
+    (composing only when no update came before, as at the first step)."""
 
     def __init__(self, levels: list[Tensor], mean: tuple[float, ...]) -> None:
         self.levels = levels
@@ -303,8 +303,7 @@ class Levels:
         # Scratch addresses, fixed for the life of the pyramid.
         self._scratch = (
             self.centre.data_ptr(), self.slope.data_ptr(), self.mixed.data_ptr(), self.sums.data_ptr(),
-            self.tv_values.data_ptr(),
-            self.alpha_values.data_ptr(), self.rows.data_ptr(),
+            self.tv_values.data_ptr(), self.alpha_values.data_ptr(), self.rows.data_ptr(),
         )
 
     def compose(self) -> Tensor:

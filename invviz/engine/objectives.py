@@ -305,6 +305,8 @@ class _TotalVariation(torch.autograd.Function):
     Autograd through the slicing would take about twenty passes over the pixels per step; for
     β = 2 this takes eight (two differences and two dot products forward, four in-place passes
     back), which matters when the prior runs beside a small network (see ``benchmarks/``).
+    With ``stretch`` ≠ 1 (``tv``'s chroma), the image is colour-stretched first
+    (``_stretch_colour``) and the gradient carried back through the same symmetric stretch.
     """
 
     @staticmethod
