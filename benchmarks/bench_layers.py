@@ -57,24 +57,26 @@ def naive(rep, image: torch.Tensor, iters: int, device: str) -> torch.Tensor:  #
     return pixels.detach()[0].cpu()
 
 
-def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[float, float, float]:
-    """Median seconds per step: a bare forward+backward of the truncated net, the same in torch's
-    default (NCHW) layout (the representation runs CPU convolutions channels-last), and one engine step.
+def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> dict[str, float]:
+    """Median seconds per step of one engine step (``engine``) and of three bare forward+backward
+    passes of the truncated net on the same 224² input: ``bare`` (``rep(x)``, the representation
+    as users call it: scaling, channels-last on the CPU, padding, then the net), ``nchw`` (the
+    same stages fed torch's default layout) and ``prepared`` (``rep.forward_prepared`` of the
+    input ``rep.input_layout`` prepares, which the CPU engine writes itself: the net alone).
 
-    Interleaved step by step: after each engine step the callback times one bare pass on the same
-    input, and the engine's step is timed from the end of one callback to the start of the next,
-    so load from elsewhere (this kind of machine swings ±20 %) hits both alike."""
+    Interleaved step by step: after each engine step the callback times one pass of each on the
+    same input, and the engine's step is timed from the end of one callback to the start of the
+    next, so load from elsewhere (this kind of machine swings ±20 %) hits all alike."""
     rep = representation("efficientnet_lite0", layer=layer).to(device)
     image = photo("chelsea", 224)
     x = image[None].to(device).requires_grad_(True)
+    prepared = rep.input_layout(224, 224).prepare(x.detach()).requires_grad_(True)
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    bare: list[float] = []
-    default_layout: list[float] = []
-    engine: list[float] = []
+    times: dict[str, list[float]] = {"bare": [], "nchw": [], "prepared": [], "engine": []}
     resumed: list[float] = []
 
     def nchw_pass() -> None:
@@ -84,25 +86,27 @@ def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> tuple[floa
             code = stage(code)
         code.square().sum().backward()
 
+    passes = {
+        "bare": lambda: rep(x).square().sum().backward(),
+        "nchw": nchw_pass,
+        "prepared": lambda: rep.forward_prepared(prepared).square().sum().backward(),
+    }
+
     def interleave(step: Step) -> None:
         sync()
         if resumed:
-            engine.append(time.perf_counter() - resumed[-1])
-        began = time.perf_counter()
-        x.grad = None
-        rep(x).square().sum().backward()
-        sync()
-        bare.append(time.perf_counter() - began)
-        began = time.perf_counter()
-        x.grad = None
-        nchw_pass()
-        sync()
-        default_layout.append(time.perf_counter() - began)
+            times["engine"].append(time.perf_counter() - resumed[-1])
+        for name, run in passes.items():
+            began = time.perf_counter()
+            x.grad = prepared.grad = None
+            run()
+            sync()
+            times[name].append(time.perf_counter() - began)
         resumed.append(time.perf_counter())
 
     invert(rep, image, settings=Settings(iters=repeats + 5), device=device, on_step=interleave)
-    # The first steps warm up allocator and caches for both.
-    return statistics.median(bare[5:]), statistics.median(default_layout[5:]), statistics.median(engine[5:])
+    # The first steps warm up allocator and caches for all.
+    return {name: statistics.median(values[5:]) for name, values in times.items()}
 
 
 def main() -> None:
@@ -154,14 +158,20 @@ def main() -> None:
         print(row, flush=True)
 
     print("\nPer-iteration cost (224², batch 1): engine step vs bare forward+backward of the truncated net")
-    print("(bare NCHW: the same net fed torch's default layout; the representation runs channels-last on the CPU)")
-    print(f"| {'layer':<9} | {'bare ms':>8} | {'bare NCHW ms':>12} | {'engine ms':>9} | {'ratio':>5} | {'vs NCHW':>7} |")
-    print("|-----------|----------|--------------|-----------|-------|---------|")
-    for layer in ("blocks.4", "blocks.10", "head"):
-        bare, nchw, engine = per_iteration_cost(layer, args.device)
+    print("(bare: rep(x) as users call it, channels-last on the CPU; bare NCHW: the same net fed torch's default")
+    print(" layout; prepared: the net alone on the input the CPU engine writes itself, rep.forward_prepared)")
+    print(
+        f"| {'layer':<9} | {'bare ms':>8} | {'NCHW ms':>8} | {'prepared ms':>11} | {'engine ms':>9} | {'ratio':>5} "
+        f"| {'vs NCHW':>7} | {'vs prepared':>11} |"
+    )
+    print("|-----------|----------|----------|-------------|-----------|-------|---------|-------------|")
+    for layer in ("stem", "blocks.1", "blocks.4", "blocks.10", "head"):
+        cost = per_iteration_cost(layer, args.device)
+        engine = cost["engine"]
         print(
-            f"| {layer:<9} | {bare * 1e3:>8.1f} | {nchw * 1e3:>12.1f} | {engine * 1e3:>9.1f} | {engine / bare:>5.2f} "
-            f"| {engine / nchw:>7.2f} |",
+            f"| {layer:<9} | {cost['bare'] * 1e3:>8.1f} | {cost['nchw'] * 1e3:>8.1f} | {cost['prepared'] * 1e3:>11.1f} "
+            f"| {engine * 1e3:>9.1f} | {engine / cost['bare']:>5.2f} | {engine / cost['nchw']:>7.2f} "
+            f"| {engine / cost['prepared']:>11.2f} |",
             flush=True,
         )
 

@@ -230,7 +230,7 @@ def test_depthwise_stride2_without_a_padded_copy_equals_the_copy(kernel: int, si
     torch.manual_seed(0)
     conv = SameConv2d(6, 6, kernel, stride=2, groups=6).double()
     x = torch.rand(2, 6, *size, dtype=torch.float64, requires_grad=True)
-    (top, bottom), (left, right) = conv._same_padding(size[0]), conv._same_padding(size[1])
+    (top, bottom), (left, right) = conv.same_padding(size[0]), conv.same_padding(size[1])
     reference = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, conv.bias, 2, groups=6)
     assert bottom - top in (0, 1) and right - left in (0, 1)
     torch.testing.assert_close(conv(x), reference)
@@ -257,3 +257,25 @@ def test_cpu_codes_come_back_in_the_default_layout() -> None:
 def test_loaded_images_are_plain_contiguous_tensors() -> None:
     image = load_image(np.zeros((5, 7, 3), dtype=np.uint8))
     assert image.shape == (3, 5, 7) and image.is_contiguous()
+
+
+@pytest.mark.parametrize("layer", ["stem", "blocks.4", "head", "logits"])
+@pytest.mark.parametrize("size", [(224, 224), (101, 77), (32, 33)])
+def test_the_prepared_input_gives_the_same_code_and_gradient(layer: str, size: tuple[int, int]) -> None:
+    """``forward_prepared(input_layout(...).prepare(x))`` is ``forward(x)``, value and gradient,
+    and so is ``pre_rectifier`` with ``prepared`` (what the CPU engine feeds the network)."""
+    torch.manual_seed(0)
+    rep = representation(f"efficientnet_lite0:{layer}")
+    layout = rep.input_layout(*size)
+    stem = rep.stages[0].conv
+    assert layout.pad == (*stem.same_padding(size[0]), *stem.same_padding(size[1]))
+    images = torch.rand(2, 3, *size, requires_grad=True)
+    weights = torch.randn(rep.code_shape(*size))
+    codes = [rep(images), rep.forward_prepared(layout.prepare(images))]
+    grads = [torch.autograd.grad((code * weights).sum(), images)[0] for code in codes]
+    assert torch.equal(codes[0], codes[1].contiguous())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6 * grads[0].abs().max().item())
+    plain, prepared = rep.pre_rectifier(images), rep.pre_rectifier(layout.prepare(images), prepared=True)
+    assert (plain is None) == (layer not in ("stem", "head"))
+    if plain is not None and prepared is not None:
+        assert torch.equal(plain[0], prepared[0].contiguous()) and plain[1:] == prepared[1:]

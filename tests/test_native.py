@@ -12,9 +12,11 @@ from invviz.engine.objectives import (
     SQUARED_ERROR_FLOOR,
     TV_EPSILON,
     Context,
+    Objective,
     PixelPrior,
     _FusedRelativeError,
     _RelativeError,
+    _RevivingClamp,
     match,
 )
 
@@ -254,3 +256,97 @@ def test_the_engine_takes_the_fused_data_term_for_plain_cpu_codes() -> None:
     image = photo[None].clone().requires_grad_(True)
     assert type(plain(Context(image)).grad_fn).__name__.startswith("_FusedRelativeError")
     assert type(masked(Context(image)).grad_fn).__name__.startswith("_RelativeError")
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+@pytest.mark.parametrize(("low", "high"), [(0.0, 6.0), (0.0, float("inf"))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_rectified_data_term_equals_the_reviving_clamp(power, low, high, channels_last) -> None:
+    """With a rectifier the kernels take the code before its clamp: values and the reviving
+    gradient are those of ``_RevivingClamp`` then the torch data term, for codes in either layout."""
+    generator = torch.Generator().manual_seed(5)
+    pre = torch.randn(2, 6, 11, 13, generator=generator) * 4 + 2  # entries on both sides of both bounds
+    target = (torch.randn(1, 6, 11, 13, generator=generator) * 4 + 2).clamp(low, high)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    pre, target = pre.contiguous(memory_format=layout), target.contiguous(memory_format=layout)
+    norm = torch.linalg.vecdot(target.flatten(1), target.flatten(1))
+    term = _native.DataTerm(2, pre[0].numel(), target, norm, power, SQUARED_ERROR_FLOOR, (low, high, 0.7))
+    results = []
+    for fused in (True, False):
+        leaf = pre.clone().requires_grad_(True)
+        if fused:
+            value = _FusedRelativeError.apply(leaf, term)
+        else:
+            value = _RelativeError.apply(_RevivingClamp.apply(leaf, low, high, 0.7), target, None, norm, power)
+        (value * torch.tensor([1.0, 2.0])).sum().backward()
+        results.append((value.detach(), leaf.grad))
+    (fused_value, fused_grad), (torch_value, torch_grad) = results
+    assert torch.allclose(fused_value, torch_value, rtol=1e-5)
+    assert torch.allclose(fused_grad, torch_grad, rtol=1e-4, atol=1e-6 * torch_grad.abs().max().item())
+    # Some clamped entries pass a share of the gradient, some pass none.
+    clamped = (pre <= low) | (pre >= high)
+    assert (fused_grad[clamped] != 0).any() and (fused_grad[clamped] == 0).any()
+
+
+@pytest.mark.parametrize(("spec", "size"), [("efficientnet_lite0:blocks.1", (40, 40)), ("efficientnet_lite0:stem", (33, 26))])
+def test_a_step_through_the_prepared_input_equals_one_through_the_image(spec, size) -> None:
+    """With an attached input (``Levels.attach_input``) the kernels write the network's input as
+    the representation prepares it and take its gradient back: the same image, priors, gradients
+    and next levels as a step fed the image's own gradient."""
+    rep = representation(spec)
+    layout = rep.input_layout(*size)
+    start = random_start(2, 3, *size, seed=0) * 1.6 - 0.3
+    outcomes = []
+    for attached in (False, True):
+        pyramid = _Pyramid(start, 3, native=True)
+        assert pyramid.fused is not None
+        with torch.no_grad():
+            for index, level in enumerate(pyramid.levels[1:]):
+                level.copy_(torch.randn(level.shape, generator=torch.Generator().manual_seed(index)) * 0.1)
+        prepared = pyramid.fused.attach_input(layout) if attached else None
+        image = pyramid.image()
+        leaf = image.clone().requires_grad_(True)
+        network_input = layout.prepare(leaf) if prepared is None else prepared
+        if prepared is not None:
+            assert torch.equal(prepared.detach(), layout.prepare(image))
+        code = rep.forward_prepared(network_input)
+        source = leaf if prepared is None else prepared
+        (grad,) = torch.autograd.grad((code * torch.linspace(-1, 1, code.numel()).view(code.shape)).sum(), source)
+        values = pyramid.fused.update(image, grad.contiguous() if prepared is None else grad, 0.03, (0.5, 2.0, 2.0, 1e-6, 0.2, 6.0))
+        following = pyramid.image()
+        if prepared is not None:
+            assert torch.equal(prepared.detach(), layout.prepare(following))
+        outcomes.append([image, following, *map(torch.tensor, values), *[level.clone() for level in pyramid.levels]])
+    for plain, through_input in zip(*outcomes):
+        assert torch.allclose(plain, through_input, rtol=1e-5, atol=1e-6)
+
+
+def test_the_engine_prepares_the_network_input_only_where_the_image_reaches_it_unshifted() -> None:
+    """Default CPU inversions of RGB representations write the prepared input; jittered ones,
+    objectives with terms of their own and one-channel representations use the image."""
+    rep = representation("efficientnet_lite0:blocks.1")
+    photo = sample_image("chelsea", 32)
+    with torch.no_grad():
+        target = rep(photo[None])
+    brightness = Objective((("bright", 0.1, lambda ctx: ctx.images.mean(dim=(1, 2, 3))),))
+    seen: list[str] = []
+    original = _native.Levels.attach_input
+
+    def spy(self, layout):  # type: ignore[no-untyped-def]
+        seen.append(case)
+        return original(self, layout)
+
+    runs = {
+        "default": lambda: invert(rep, photo, settings=Settings(iters=20), device="cpu"),
+        "jitter": lambda: invert(rep, photo, settings=Settings(iters=5, jitter=2), device="cpu"),
+        "own term": lambda: invert(rep, photo, objective=match(rep, target) + brightness, settings=Settings(iters=5), device="cpu"),
+        "hog": lambda: invert(representation("hog"), photo, settings=Settings(iters=5), device="cpu"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_native.Levels, "attach_input", spy)
+        results = {}
+        for case, run in runs.items():
+            results[case] = run()
+    assert seen == ["default"]
+    assert results["default"].feature_error[0] < 0.5
+    assert len(results["own term"].history["bright"]) == 5

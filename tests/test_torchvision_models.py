@@ -303,3 +303,20 @@ def test_generic_receptive_field_is_measured() -> None:
         rep.receptive_field(16, 0, 128, 128)
     vector = resnet18_class()("fc", weights="random")
     assert not vector.is_spatial and vector.receptive_field(0, 0, 64, 64).as_tuple() == (0, 0, 64, 64)
+
+
+@pytest.mark.parametrize("spec", ["alexnet:relu2", "alexnet:fc6", "vgg16:conv2_1", "resnet18:layer2"])
+def test_the_prepared_input_gives_the_same_code(spec: str) -> None:
+    """``forward_prepared`` of the normalized input (``input_layout``) is ``forward``."""
+    from invviz import representation
+
+    rep = representation(spec, weights="random")
+    images = torch.rand(2, 3, 67, 67)
+    prepared = rep.input_layout(67, 67).prepare(images)
+    with torch.no_grad():
+        assert torch.allclose(rep(images), rep.forward_prepared(prepared), rtol=1e-4, atol=1e-5)
+        pre = rep.pre_rectifier(prepared, prepared=True)
+        plain = rep.pre_rectifier(images)
+    assert (pre is None) == (plain is None) == (not spec.split(":")[1].startswith("relu"))
+    if pre is not None and plain is not None:
+        assert torch.allclose(pre[0], plain[0], rtol=1e-4, atol=1e-5)

@@ -204,6 +204,53 @@ static void finish_row(const struct finish_rows *f, const float *grad, size_t pl
     }
 }
 
+/* The network's input as the representation prepares it from the image (its InputLayout): pixel
+ * (b, c, y, x) becomes scale[c] * pixel + shift[c] at data[b * stride[0] + c * stride[1] +
+ * y * stride[2] + x * stride[3]] (`data` points past the padding, which is never written), and
+ * the network's gradient with respect to that element is read the same way from `grad` with
+ * `grad_stride`. At most 4 channels. */
+struct prepared_input {
+    float *data;
+    const float *grad;
+    long stride[4], grad_stride[4];
+    float scale[4], shift[4];
+};
+
+/* Row y of image b (C planes of H x W) into the prepared input. */
+static void prepare_row(const struct prepared_input *in, const float *image, int C, int H, int W, int b, int y)
+{
+    long sx = in->stride[3];
+    for (int c = 0; c < C; ++c) {
+        const float *src = image + ((size_t)(b * C + c) * H + y) * W;
+        float *dst = in->data + b * in->stride[0] + c * in->stride[1] + y * in->stride[2];
+        float scale = in->scale[c], shift = in->shift[c];
+        for (int x = 0; x < W; ++x)
+            dst[x * sx] = scale * src[x] + shift;
+    }
+}
+
+/* Row y of image b's gradient (C planes, `plane` floats apart, rows of W) from the prepared
+ * input's: d/d pixel = scale[c] * d/d prepared element. Overwrites the row. */
+static void load_gradient_row(const struct prepared_input *in, float *grad, size_t plane, int C, int W, int b, int y)
+{
+    long sx = in->grad_stride[3];
+    for (int c = 0; c < C; ++c) {
+        const float *src = in->grad + b * in->grad_stride[0] + c * in->grad_stride[1] + y * in->grad_stride[2];
+        float *dst = grad + c * plane + (size_t)y * W, scale = in->scale[c];
+        for (int x = 0; x < W; ++x)
+            dst[x] = scale * src[x * sx];
+    }
+}
+
+/* The prepared input of B images (C planes of H x W each, contiguous) (see prepared_input). */
+void invviz_prepare(const float *image, int B, int C, int H, int W, const struct prepared_input *in, int threads)
+{
+    long rows = (long)B * H;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && rows * C * W >= PARALLEL_MIN) schedule(static)
+    for (long r = 0; r < rows; ++r)
+        prepare_row(in, image, C, H, W, (int)(r / H), (int)(r % H));
+}
+
 /* Quadratic TV (beta = 2) on row i of one plane: s^(beta/2) = s is a sum over planes, so each
  * plane adds its own sum of dx^2 + dy^2 over the row's corners, and its gradient is k times a
  * Laplacian-like stencil (with the terms of corners that exist). Adds into `o`, row i of the
@@ -436,12 +483,14 @@ static double colour_quadratic_tv_row(const float *x, float *grad, size_t plane,
  * taken of T x (stretch_colour_row, stretch sqrt(1 + chroma)): for beta = 2 row by row
  * (colour_quadratic_tv_row), else T x is written to `mixed` (C H W floats) first and the gradient
  * carried back through T row by row. `slope` is scratch for
- * (H-1) x (W-1) floats, `sums` for 2 H doubles (per-row sums, added up serially). With `finish`,
- * each row of the gradient is passed on (finish_row) as soon as it is final, while it is in cache. */
+ * (H-1) x (W-1) floats, `sums` for 2 H doubles (per-row sums, added up serially). With `input`,
+ * each row of grad is first loaded from the network's gradient of image b's prepared input
+ * (load_gradient_row) instead of being given. With `finish`, each row of the gradient is passed
+ * on (finish_row) as soon as it is final, while it is in cache. */
 static void image_priors(const float *x, float *grad, int C, int H, int W, double tv_weight, double beta,
                          double chroma, double epsilon, double alpha_weight, double alpha, const float *mean,
                          float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
-                         const struct finish_rows *finish, int threads)
+                         const struct finish_rows *finish, const struct prepared_input *input, int b, int threads)
 {
     size_t plane = (size_t)H * W, corners = (size_t)(H - 1) * (W - 1);
     int tv = tv_weight != 0.0 && H > 1 && W > 1, quadratic = beta == 2.0, norm = alpha_weight != 0.0;
@@ -468,6 +517,8 @@ static void image_priors(const float *x, float *grad, int C, int H, int W, doubl
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < H; ++i) {
+            if (input)
+                load_gradient_row(input, grad, plane, C, W, b, i);
             if (tv && quadratic && stretched) {
                 tv_rows[i] = colour_quadratic_tv_row(x, grad, plane, C, H, W, tv_scale, chroma, i);
             } else if (tv && quadratic) {
@@ -514,7 +565,7 @@ void invviz_priors(const float *x, float *grad, int B, int C, int H, int W, doub
     size_t image = (size_t)C * H * W;
     for (int b = 0; b < B; ++b)
         image_priors(x + b * image, grad + b * image, C, H, W, tv_weight, beta, chroma, epsilon, alpha_weight, alpha,
-                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, NULL, threads);
+                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, NULL, NULL, 0, threads);
 }
 
 /* One Adam step (torch.optim.Adam's update, no weight decay) over `count` parameters. */
@@ -554,14 +605,16 @@ void invviz_compose(int planes, int levels, float *const *params, const int *hei
  * image's gradient; zero weights skip them), each coarser level's gradient (grads[l] = up^T of
  * grads[l - 1]) and one Adam step of every level with its moments; then, with `next` != NULL,
  * the next step's image composed into it (invviz_compose, `partial` its scratch) while the
- * levels are still in cache. Scratch: `slope` H x W floats, `mixed` C H W floats, `sums` 2 H
- * doubles, `rows` B C H ceil(W / 2) floats. */
+ * levels are still in cache. With `input` (see prepared_input) the image's gradient is read from
+ * the network's gradient of its prepared input (grads[0] is then scratch it is loaded into) and
+ * the next image is also written into the prepared input. Scratch: `slope` H x W floats, `mixed`
+ * C H W floats, `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
 void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
                    float *const *firsts, float *const *seconds, const int *heights, const int *widths,
                    double tv_weight, double beta, double chroma, double epsilon, double alpha_weight, double alpha,
                    const float *mean, float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
                    float *rows, double lr, double beta1, double beta2, double adam_epsilon, int step,
-                   float *const *partial, float *next, int threads)
+                   float *const *partial, float *next, const struct prepared_input *input, int threads)
 {
     int H = heights[0], W = widths[0];
     size_t image_size = (size_t)C * H * W;
@@ -573,7 +626,7 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
                                      levels > 1 ? rows + (size_t)b * C * H * widths[1] : NULL,
                                      levels > 1 ? widths[1] : 0, adam};
         image_priors(image + offset, grads[0] + offset, C, H, W, tv_weight, beta, chroma, epsilon, alpha_weight, alpha,
-                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, &finish, threads);
+                     mean, slope, mixed, sums, tv_out + b, alpha_out + b, &finish, input, b, threads);
     }
     if (levels > 1) {
         long coarse_rows = (long)B * C * heights[1];
@@ -588,22 +641,39 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
     for (int l = 1; l < levels; ++l)
         invviz_adam(params[l], grads[l], firsts[l], seconds[l], (size_t)B * C * heights[l] * widths[l], lr, beta1,
                     beta2, adam_epsilon, step, threads);
-    if (next)
+    if (next) {
         invviz_compose(B * C, levels, params, heights, widths, partial, next, threads);
+        if (input)
+            invviz_prepare(next, B, C, H, W, input, threads);
+    }
 }
 
 /* Elements per partial sum of the data term: sums are over these fixed chunks, then added up
  * serially, so the value does not depend on the thread count. */
 #define CHUNK 32768
 
+/* The rectifier a code may end in (see objectives._RevivingClamp): with `rect` != NULL the code
+ * is clamp(pre, rect->low, rect->high) of the given `pre`, and the gradient reaching a clamped
+ * entry is passed to it times rect->revive when it points back inside, 0 otherwise. */
+struct rectifier {
+    float low, high, revive;
+};
+
+static inline float rectified(const struct rectifier *rect, float pre)
+{
+    float c = pre < rect->low ? rect->low : pre;
+    return c > rect->high ? rect->high : c;
+}
+
 /* The data term (‖Φ − Φ0‖² / n)^(p/2) per image for B codes of N floats (target: one code shared
  * by all, `shared` != 0, or one per image), with n = norm[b] (one per image, or norm[0] shared
  * when `norms` == 1): value[b], and slope[b], the factor of (Φ − Φ0) in the value's gradient:
  * (p / n) (S/n)^(p/2 - 1), 0 where S/n is under `floor` (there the value is floor^(p/2); with p = 2
- * the plain S/n and 2 / n). `partial` is scratch for B ceil(N / CHUNK) doubles. */
+ * the plain S/n and 2 / n). With `rect` (see struct rectifier) `code` is the code before its
+ * rectifier. `partial` is scratch for B ceil(N / CHUNK) doubles. */
 void invviz_relative_error(const float *code, const float *target, int shared, int B, long N, const float *norm,
-                           int norms, double power, double floor, float *value, float *slope, double *partial,
-                           int threads)
+                           int norms, double power, double floor, const struct rectifier *rect, float *value,
+                           float *slope, double *partial, int threads)
 {
     long chunks = (N + CHUNK - 1) / CHUNK, total = (long)B * chunks;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && (long)B * N >= 4 * PARALLEL_MIN) schedule(static)
@@ -611,10 +681,18 @@ void invviz_relative_error(const float *code, const float *target, int shared, i
         long b = k / chunks, begin = (k % chunks) * CHUNK, end = begin + CHUNK < N ? begin + CHUNK : N;
         const float *c = code + b * N, *t = target + (shared ? 0 : b * N);
         double acc = 0.0;
+        if (rect) {
 #pragma omp simd reduction(+ : acc)
-        for (long i = begin; i < end; ++i) {
-            float d = c[i] - t[i];
-            acc += (double)(d * d);
+            for (long i = begin; i < end; ++i) {
+                float d = rectified(rect, c[i]) - t[i];
+                acc += (double)(d * d);
+            }
+        } else {
+#pragma omp simd reduction(+ : acc)
+            for (long i = begin; i < end; ++i) {
+                float d = c[i] - t[i];
+                acc += (double)(d * d);
+            }
         }
         partial[k] = acc;
     }
@@ -634,9 +712,10 @@ void invviz_relative_error(const float *code, const float *target, int shared, i
     }
 }
 
-/* The data term's gradient: out = scale[b] (Φ − Φ0) for each image b (see invviz_relative_error). */
+/* The data term's gradient: out = scale[b] (Φ − Φ0) for each image b (see invviz_relative_error);
+ * with `rect`, the gradient with respect to the code before the rectifier. */
 void invviz_relative_error_grad(const float *code, const float *target, int shared, int B, long N,
-                                const float *scale, float *out, int threads)
+                                const float *scale, const struct rectifier *rect, float *out, int threads)
 {
     long chunks = (N + CHUNK - 1) / CHUNK, total = (long)B * chunks;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && (long)B * N >= 4 * PARALLEL_MIN) schedule(static)
@@ -644,8 +723,21 @@ void invviz_relative_error_grad(const float *code, const float *target, int shar
         long b = k / chunks, begin = (k % chunks) * CHUNK, end = begin + CHUNK < N ? begin + CHUNK : N;
         const float *c = code + b * N, *t = target + (shared ? 0 : b * N);
         float *o = out + b * N, s = scale[b];
+        if (rect) {
+            float low = rect->low, high = rect->high, revive = rect->revive;
 #pragma omp simd
-        for (long i = begin; i < end; ++i)
-            o[i] = s * (c[i] - t[i]);
+            for (long i = begin; i < end; ++i) {
+                float pre = c[i], g = s * (rectified(rect, pre) - t[i]);
+                /* A descent step moves pre by -g: up where g < 0, down where g > 0. */
+                float weight = pre > low && pre < high ? 1.0f
+                               : (pre <= low && g < 0.0f) || (pre >= high && g > 0.0f) ? revive
+                                                                                       : 0.0f;
+                o[i] = g * weight;
+            }
+        } else {
+#pragma omp simd
+            for (long i = begin; i < end; ++i)
+                o[i] = s * (c[i] - t[i]);
+        }
     }
 }

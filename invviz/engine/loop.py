@@ -443,11 +443,16 @@ def _native_stepper(
     shifted: Callable[[Tensor, int], Tensor],
     check: Callable[[dict[str, list[float]], int], None],
     fused_priors: bool,
+    network: Representation | None,
 ) -> Stepper:
     """One Adam step with the fused CPU kernels around the network: autograd only for the terms
     that need it (the data term), then one kernel call for the pixel priors' values and gradients
     (RGB images; they see the unjittered image, which differs from jittered TV only at the wrap
-    seam), each pyramid level's gradient and Adam on every level."""
+    seam), each pyramid level's gradient and Adam on every level.
+
+    With ``network`` (given only where the image reaches it unshifted) and when the remaining
+    terms all match codes of it and it has an ``input_layout``, the kernels also write the
+    network's prepared input and take its gradient back (``Levels.attach_input``)."""
     priors: dict[str, tuple[str, float, PixelPrior]] = {}
     for name, weight, fn in objective.terms:
         if fused_priors and isinstance(fn, PixelPrior) and fn.kind not in priors and weight != 0.0:
@@ -462,20 +467,40 @@ def _native_stepper(
     tv_name, tv_weight, tv_prior = priors.get("tv", ("", 0.0, PixelPrior("tv", 2.0)))
     alpha_name, alpha_weight, alpha_prior = priors.get("alpha", ("", 0.0, PixelPrior("alpha", 6.0)))
     alpha_scale = alpha_weight * alpha_prior.scale
+    layout = None
+    if network is not None and rest.terms and all(
+        isinstance(fn, FeatureMatch) and fn.rep is network for _, _, fn in rest.terms
+    ):
+        layout = network.input_layout(*pyramid.levels[0].shape[-2:])
+    prepared = levels.attach_input(layout) if layout is not None else None
+
+    def gradients(step: int, tv_factor: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The image, the gradient ``update`` takes and the remaining terms' values."""
+        if prepared is None:
+            images = pyramid.image().requires_grad_(True)
+            context = Context(shifted(view(images), step))
+        else:
+            assert network is not None
+            images = pyramid.image()  # also written into ``prepared``
+            context = Context(images, prepared=(network, prepared))
+        terms = rest.evaluate(context, dict.fromkeys(tv_names, tv_factor))
+        source = images if prepared is None else prepared
+        if not terms:
+            return images, torch.zeros_like(source), terms
+        total = next(iter(terms.values())) if len(terms) == 1 else torch.stack(list(terms.values())).sum(0)
+        # ∂(Σ_b total_b)/∂total_b = 1, without a sum operation; the gradient as the network leaves it.
+        (grad,) = torch.autograd.grad(total, source, ones)
+        return images.detach(), grad, terms
 
     def take_step(step: int, rate: float, tv_factor: float) -> tuple[Tensor, dict[str, list[float]]]:
-        images = pyramid.image().requires_grad_(True)
-        terms = rest.evaluate(Context(shifted(view(images), step)), dict.fromkeys(tv_names, tv_factor))
-        if terms:
-            total = next(iter(terms.values())) if len(terms) == 1 else torch.stack(list(terms.values())).sum(0)
-            total.backward(ones)  # ∂(Σ_b total_b)/∂total_b = 1, without a sum operation
-        grad = images.grad if images.grad is not None else torch.zeros_like(images)
-        images = images.detach()
+        images, grad, terms = gradients(step, tv_factor)
         found = term_values(terms)
         tv_scale = tv_weight * tv_factor * tv_prior.scale
         priors_setting = (tv_scale, tv_prior.exponent, tv_prior.chroma, TV_EPSILON, alpha_scale, alpha_prior.exponent)
         # One call: the priors' gradients into ``grad``, each level's gradient, Adam on every level.
-        tv_values, alpha_values = levels.update(images, grad.contiguous(), rate, priors_setting)
+        tv_values, alpha_values = levels.update(
+            images, grad.contiguous() if prepared is None else grad, rate, priors_setting
+        )
         if tv_name:
             found[tv_name] = [value * tv_scale for value in tv_values]
         if alpha_name:
@@ -590,7 +615,9 @@ def invert(
 
     take_step: Stepper
     if native:
-        take_step = _native_stepper(pyramid, objective, view, shifted, check, fused_priors=channels == 3)
+        # The kernels prepare the network's input themselves where the image reaches it unshifted.
+        network = rep if channels == 3 and not settings.jitter else None
+        take_step = _native_stepper(pyramid, objective, view, shifted, check, channels == 3, network)
     else:
         take_step = _torch_stepper(pyramid, objective, settings, view, shifted, check)
 

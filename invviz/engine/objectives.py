@@ -33,11 +33,30 @@ TV_EPSILON = 1e-8 * VARIATION_SCALE**2
 
 
 class Context:
-    """What objectives see during one step: the images and a per-step cache of codes."""
+    """What objectives see during one step: the images and a per-step cache of codes.
 
-    def __init__(self, images: Tensor) -> None:
+    ``prepared``: a representation and the images as its ``input_layout`` prepares them (the CPU
+    engine writes that input itself); codes of that representation are computed from it.
+    """
+
+    def __init__(self, images: Tensor, prepared: tuple[Representation, Tensor] | None = None) -> None:
         self.images = images
+        self.prepared = prepared
         self._codes: dict[tuple[int, float], Tensor] = {}
+        self._pre: dict[int, tuple[Tensor, float, float] | None] = {}
+
+    def _run(self, rep: Representation, pre: bool) -> Any:
+        """``rep`` (or its ``pre_rectifier``) on the images, or on the prepared input if it is rep's."""
+        if self.prepared is not None and self.prepared[0] is rep:
+            source = self.prepared[1]
+            return rep.pre_rectifier(source, prepared=True) if pre else rep.forward_prepared(source)
+        return rep.pre_rectifier(self.images) if pre else rep(self.images)
+
+    def pre_code(self, rep: Representation) -> tuple[Tensor, float, float] | None:
+        """``rep.pre_rectifier(images)``, computed once per step."""
+        if id(rep) not in self._pre:
+            self._pre[id(rep)] = self._run(rep, pre=True)
+        return self._pre[id(rep)]
 
     def code(self, rep: Representation, rectifier_slope: float = 0.0) -> Tensor:
         """``rep(images)``, computed once per step however many terms use it.
@@ -47,8 +66,8 @@ class Context:
         """
         key = (id(rep), rectifier_slope)
         if key not in self._codes:
-            pre = rep.pre_rectifier(self.images) if rectifier_slope else None
-            self._codes[key] = rep(self.images) if pre is None else _RevivingClamp.apply(*pre, rectifier_slope)
+            pre = self.pre_code(rep) if rectifier_slope else None
+            self._codes[key] = self._run(rep, pre=False) if pre is None else _RevivingClamp.apply(*pre, rectifier_slope)
         return self._codes[key]
 
 
@@ -240,24 +259,38 @@ class FeatureMatch:
         # they apply): computed at the first step, reused.
         self._prepared: tuple[tuple[object, ...], Tensor, Tensor | None, Tensor, _native.DataTerm | None] | None = None
 
-    def _constants(self, code: Tensor) -> tuple[Tensor, Tensor | None, Tensor, _native.DataTerm | None]:
-        key = (code.shape, code.dtype, code.device)
+    def _constants(
+        self, code: Tensor, rectifier: tuple[float, float, float] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor, _native.DataTerm | None]:
+        layout = _native.memory_format(code)
+        key = (code.shape, code.dtype, code.device, rectifier, layout)
         if self._prepared is None or self._prepared[0] != key:
-            target = self.target.to(code).contiguous()
+            # Laid out as the codes come (channels-last from the CPU engine's prepared input).
+            target = self.target.to(code).contiguous(memory_format=layout) if code.dim() == 4 else self.target.to(code).contiguous()
             selected = None if self.mask is None else self.mask.to(code).expand_as(code)
             reference = target.expand_as(code) if selected is None else target * selected
             norm = torch.linalg.vecdot(reference.flatten(1), reference.flatten(1)).clamp_min(torch.finfo(code.dtype).tiny)
             fused = None
-            if selected is None and _native.usable(code, target, norm):
-                fused = _native.DataTerm(code.shape[0], code[0].numel(), target, norm, self.power, SQUARED_ERROR_FLOOR)
+            if selected is None and _native.usable(code, target, norm, memory_format=layout):
+                fused = _native.DataTerm(
+                    code.shape[0], code[0].numel(), target, norm, self.power, SQUARED_ERROR_FLOOR, rectifier
+                )
             self._prepared = (key, target, selected, norm, fused)
         return self._prepared[1:]
 
     def __call__(self, ctx: Context) -> Tensor:
+        if self.rectifier_slope and self.mask is None:
+            # The rectifier's clamp and reviving gradient fused into the kernels too, where they apply.
+            pre = ctx.pre_code(self.rep)
+            if pre is not None and _native.usable(pre[0], memory_format=_native.memory_format(pre[0])):
+                fused_rectified = self._constants(pre[0], (pre[1], pre[2], self.rectifier_slope))[3]
+                if fused_rectified is not None:
+                    rectified: Tensor = _FusedRelativeError.apply(pre[0], fused_rectified)
+                    return rectified
         code = ctx.code(self.rep, self.rectifier_slope)
         target, selected, norm, fused = self._constants(code)
         value: Tensor
-        if fused is not None and code.is_contiguous():
+        if fused is not None:
             value = _FusedRelativeError.apply(code, fused)
         else:
             value = _RelativeError.apply(code, target, selected, norm, self.power)

@@ -10,11 +10,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._base import Representation
+from ._base import InputLayout, Representation
 from ._geometry import Box, Window
 
 __all__ = [
     "Box",
+    "InputLayout",
     "Representation",
     "Window",
     "available_models",

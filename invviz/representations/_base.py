@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._geometry import Box, Window, axis_geometry, window_box
@@ -26,6 +28,30 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How a representation turns images into its network's first input, for an engine that writes
+    that input itself (``Representation.input_layout``).
+
+    Channel ``c`` of a pixel becomes ``scale[c] · pixel + shift[c]``; the result is padded with
+    zeros by ``pad`` = ``(top, bottom, left, right)`` pixels and stored channels-last when
+    ``channels_last``. ``prepare`` is the reference; ``Representation.forward_prepared`` takes it.
+    """
+
+    scale: tuple[float, ...]
+    shift: tuple[float, ...]
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    channels_last: bool = True
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` images → the network's input ``(B, C, H + top + bottom, W + left + right)``."""
+        scale = images.new_tensor(self.scale).view(1, -1, 1, 1)
+        shift = images.new_tensor(self.shift).view(1, -1, 1, 1)
+        top, bottom, left, right = self.pad
+        prepared = F.pad(images * scale + shift, (left, right, top, bottom))
+        return prepared.contiguous(memory_format=torch.channels_last) if self.channels_last else prepared
 
 
 class Representation(nn.Module):
@@ -60,13 +86,30 @@ class Representation(nn.Module):
         """Windowed operations from the input to ``layer``; ``None`` for non-spatial codes."""
         raise NotImplementedError
 
-    def pre_rectifier(self, images: Tensor) -> tuple[Tensor, float, float] | None:
+    def pre_rectifier(self, images: Tensor, *, prepared: bool = False) -> tuple[Tensor, float, float] | None:
         """The code before a final elementwise clamp, with the clamp's bounds: ``(pre, low, high)``
         such that ``self(images)`` equals ``pre.clamp(low, high)``; ``None`` (the default) when the
         code does not end in one. The engine uses it to let a surrogate gradient reach code entries
-        the clamp has switched off (see ``invviz.engine.match``).
+        the clamp has switched off (see ``invviz.engine.match``). With ``prepared``, ``images`` is
+        the network's input as ``input_layout`` prepares it.
         """
         return None
+
+    def input_layout(self, height: int, width: int) -> InputLayout | None:
+        """How ``forward`` prepares ``height × width`` images for the network, for an engine that
+        writes that input itself (the CPU engine does it in the same pass that composes the image,
+        and takes the network's gradient of it back in the same pass as the priors): ``None``, the
+        default, when the representation offers no such entry. Where it is not ``None``,
+        ``forward_prepared(layout.prepare(images))`` equals ``forward(images)`` and
+        ``pre_rectifier(layout.prepare(images), prepared=True)`` equals ``pre_rectifier(images)``.
+        """
+        return None
+
+    def forward_prepared(self, prepared: Tensor) -> Tensor:
+        """The code of an input already prepared as ``input_layout`` says (see there), in the
+        memory layout the network leaves it (channels-last on the CPU; ``forward`` returns the
+        default layout); so is ``pre_rectifier``'s with ``prepared``."""
+        raise NotImplementedError(f"{type(self).__name__} has no prepared-input entry")
 
     # --- derived ------------------------------------------------------------------------------
     @property

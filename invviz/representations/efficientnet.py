@@ -9,7 +9,7 @@ stages up to its layer, so a forward pass never computes more than the code need
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_representation
-from ._base import Representation, channels_last_on_cpu
+from ._base import InputLayout, Representation, channels_last_on_cpu
 from ._geometry import Window
 
 __all__ = ["EfficientNetLite0", "imagenet_weights_path"]
@@ -81,17 +81,23 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel, stride, symmetric, groups=groups)
         self.window = Window(kernel, stride, "same")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padded: bool = False) -> Tensor:
+        """``padded``: ``x`` already carries the padding (``same_padding``) of a stride-2 dense
+        convolution, as ``EfficientNetLite0.input_layout`` prepares the stem's input."""
         if self.window.stride == 1:
             return super().forward(x)
-        (top, bottom), (left, right) = self._same_padding(x.shape[-2]), self._same_padding(x.shape[-1])
+        if padded:
+            assert self.groups == 1, "only dense stride-2 convolutions take a padded input"
+            return super().forward(x)
+        (top, bottom), (left, right) = self.same_padding(x.shape[-2]), self.same_padding(x.shape[-1])
         if self.groups == 1:
             return super().forward(F.pad(x, (left, right, top, bottom)))
         # The extra pixel after (bottom = top + 1) becomes a leading zero tap and symmetric padding.
         weight = F.pad(self.weight, (right - left, 0, bottom - top, 0))
         return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), groups=self.groups)
 
-    def _same_padding(self, n: int) -> tuple[int, int]:
+    def same_padding(self, n: int) -> tuple[int, int]:
+        """Zeros before and after an axis of ``n`` input pixels (stride-2 convolutions)."""
         before = self.window.pad_before(n)
         total = max((self.window.output_size(n) - 1) * self.window.stride + self.window.kernel - n, 0)
         return before, total - before
@@ -129,9 +135,11 @@ class ConvBN(nn.Module):
         self.conv.weight.copy_(weight * scale[:, None, None, None])
         self.conv.bias.copy_(beta - mean * scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        return F.relu6(x) if self.relu else x
+    def forward(self, x: Tensor, padded: bool = False, relu: bool = True) -> Tensor:
+        """``padded``: ``x`` already carries the convolution's "same" padding (see ``SameConv2d``);
+        ``relu=False`` leaves out the ReLU6."""
+        x = self.conv(x, padded=padded)
+        return F.relu6(x) if self.relu and relu else x
 
     def windows(self) -> list[Window]:
         return [self.conv.window]
@@ -296,11 +304,31 @@ class EfficientNetLite0(Representation):
         return self._through(images, self.stages)
 
     @staticmethod
-    def _through(images: Tensor, stages: Iterable[nn.Module], layout: bool = True) -> Tensor:
+    def _through(images: Tensor, stages: nn.ModuleList, layout: bool = True) -> Tensor:
         """``images`` through ``stages``; the result in the default layout unless ``layout`` is False."""
         # The network was trained on pixels scaled to [-1, 1].
         x = channels_last_on_cpu(images * 2 - 1)
         for stage in stages:
+            x = stage(x)
+        return x.contiguous() if layout else x
+
+    def input_layout(self, height: int, width: int) -> InputLayout:
+        """Pixels scaled to [-1, 1], padded as the stem's "same" convolution pads, channels-last."""
+        stem = self.stages[0]
+        assert isinstance(stem, ConvBN)
+        (top, bottom), (left, right) = stem.conv.same_padding(height), stem.conv.same_padding(width)
+        return InputLayout(scale=(2.0,) * 3, shift=(-1.0,) * 3, pad=(top, bottom, left, right))
+
+    def forward_prepared(self, prepared: Tensor) -> Tensor:
+        return self._through_prepared(prepared, self.stages, layout=False)
+
+    @staticmethod
+    def _through_prepared(prepared: Tensor, stages: nn.ModuleList, layout: bool = True) -> Tensor:
+        """``_through`` for an input ``input_layout`` prepared: the stem's convolution has its padding."""
+        stem = stages[0]
+        assert isinstance(stem, ConvBN)
+        x = stem(prepared, padded=True)
+        for stage in stages[1:]:
             x = stage(x)
         return x.contiguous() if layout else x
 
@@ -315,12 +343,17 @@ class EfficientNetLite0(Representation):
         """
         return HEAD_TV_WEIGHT if self.layer == "head" else super().default_tv_weight()
 
-    def pre_rectifier(self, images: Tensor) -> tuple[Tensor, float, float] | None:
+    def pre_rectifier(self, images: Tensor, *, prepared: bool = False) -> tuple[Tensor, float, float] | None:
         """For ``stem`` and ``head``, whose codes end in ReLU6: the code before it, with (0, 6)."""
         last = self.stages[-1]
         if not (isinstance(last, ConvBN) and last.relu):
             return None
-        return last.conv(self._through(images, self.stages[:-1], layout=False)).contiguous(), 0.0, 6.0
+        if len(self.stages) == 1:  # the stem itself
+            pre = last(images if prepared else channels_last_on_cpu(images * 2 - 1), padded=prepared, relu=False)
+        else:
+            through = self._through_prepared if prepared else self._through
+            pre = last.conv(through(images, self.stages[:-1], layout=False))
+        return (pre if prepared else pre.contiguous()), 0.0, 6.0
 
     def windows(self) -> Sequence[Window] | None:
         if self.layer in ("pool", "logits"):

@@ -27,7 +27,7 @@ import torchvision
 from torch import nn
 
 from . import register_representation
-from ._base import Representation, channels_last_on_cpu
+from ._base import InputLayout, Representation, channels_last_on_cpu
 from ._geometry import Box, Window
 
 __all__ = [
@@ -170,6 +170,12 @@ class _TorchvisionRepresentation(Representation):
         models were trained on, channels-last on the CPU (see ``channels_last_on_cpu``)."""
         return channels_last_on_cpu((images - self.mean) / self.std)
 
+    def input_layout(self, height: int, width: int) -> InputLayout:
+        """``normalize`` as an input layout (the networks' convolutions pad themselves)."""
+        return InputLayout(
+            scale=tuple(1.0 / s for s in IMAGENET_STD), shift=tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+        )
+
 
 # --- AlexNet and VGG16 with caffe names ---------------------------------------------------------
 def _caffe_steps(network: nn.Module, per_block: bool) -> list[tuple[str | None, nn.Module]]:
@@ -263,10 +269,18 @@ class CaffeStyleNet(_TorchvisionRepresentation):
         """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
         return self.net(self.normalize(images)).contiguous()
 
-    def pre_rectifier(self, images: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+    def forward_prepared(self, prepared: torch.Tensor) -> torch.Tensor:
+        code: torch.Tensor = self.net(prepared)
+        return code
+
+    def pre_rectifier(
+        self, images: torch.Tensor, *, prepared: bool = False
+    ) -> tuple[torch.Tensor, float, float] | None:
         """For the ``relu*`` layers: the code before that ReLU, with its bounds (0, ∞)."""
         if not isinstance(self.net[-1], nn.ReLU):
             return None
+        if prepared:
+            return self.net[:-1](images), 0.0, math.inf
         return self.net[:-1](self.normalize(images)).contiguous(), 0.0, math.inf
 
     def windows(self) -> Sequence[Window] | None:
@@ -314,6 +328,9 @@ class TorchvisionModel(_TorchvisionRepresentation):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → the module's output, e.g. ``(B, C, H', W')``."""
+        return self.forward_prepared(self.normalize(images)).contiguous()
+
+    def forward_prepared(self, prepared: torch.Tensor) -> torch.Tensor:
         captured: list[Any] = []
 
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -322,7 +339,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
 
         handle = self.network.get_submodule(self.layer).register_forward_hook(capture)
         try:
-            self.network(self.normalize(images))
+            self.network(prepared)
         except _StopForward:
             pass
         finally:
@@ -331,7 +348,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
             raise ValueError(f"{self.spec} does not run when {self.model} classifies an image")
         if not isinstance(captured[0], torch.Tensor):
             raise TypeError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor")
-        return captured[0].contiguous()
+        return captured[0]
 
     def windows(self) -> Sequence[Window] | None:
         # General graphs (residual branches, attention) are not a chain of windows; see receptive_field.
