@@ -39,9 +39,34 @@ def test_shape_and_batch() -> None:
 
 @pytest.mark.parametrize("cls", [HOG, HOGb])
 def test_gradcheck(cls: type[HOG]) -> None:
+    """With the true gradient at the 0.2 truncation (``truncation_slope=0``)."""
     torch.manual_seed(0)
     images = torch.rand(1, 3, 20, 20, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(cls("features").double(), (images,), fast_mode=True)
+    assert torch.autograd.gradcheck(cls("features", truncation_slope=0).double(), (images,), fast_mode=True)
+
+
+@pytest.mark.parametrize("cls", [HOG, HOGb])
+def test_truncated_bins_get_a_gradient_only_toward_coming_back_down(cls: type[HOG]) -> None:
+    """The default truncation slope leaves the values alone; it adds gradient only where a descent
+    step would lower a truncated bin (a loss that lowers every bin), none where it would raise one."""
+    images = torch.from_numpy(IMAGES["astronaut_131x150"])[None]
+    true, reviving = cls("features", truncation_slope=0), cls("features")
+    assert reviving.truncation_slope > 0
+    assert torch.equal(true(images), reviving(images))
+    grads = {}
+    for sign in (1.0, -1.0):
+        for name, rep in (("true", true), ("reviving", reviving)):
+            leaf = images.clone().requires_grad_(True)
+            (sign * rep(leaf)).sum().backward()
+            grads[name, sign] = leaf.grad
+    assert not torch.allclose(grads["true", 1.0], grads["reviving", 1.0])
+    assert torch.allclose(grads["true", -1.0], grads["reviving", -1.0])
+
+
+def test_truncation_slope_must_be_between_0_and_1() -> None:
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="truncation_slope"):
+            HOG("features", truncation_slope=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("cls", [HOG, HOGb])

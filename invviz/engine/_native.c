@@ -652,7 +652,7 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
  * serially, so the value does not depend on the thread count. */
 #define CHUNK 32768
 
-/* The rectifier a code may end in (see objectives._RevivingClamp): with `rect` != NULL the code
+/* The rectifier a code may end in (see representations._surrogates.RevivingClamp): with `rect` != NULL the code
  * is clamp(pre, rect->low, rect->high) of the given `pre`, and the gradient reaching a clamped
  * entry is passed to it times rect->revive when it points back inside, 0 otherwise. */
 struct rectifier {

@@ -272,7 +272,7 @@ class DataTerm:
 
     ``rectifier`` ``(low, high, slope)``: the codes given are the codes before a final clamp to
     ``[low, high]`` (``high`` may be infinite), and the gradient is the reviving one of
-    ``objectives._RevivingClamp`` with ``slope``: the clamp and its backward fused in as well."""
+    ``representations._surrogates.RevivingClamp`` with ``slope``: the clamp and its backward fused in as well."""
 
     def __init__(self, batch: int, count: int, target: Tensor, norm: Tensor, power: float, floor: float,
                  rectifier: tuple[float, float, float] | None = None) -> None:

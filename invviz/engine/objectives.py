@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from ..representations import Representation
+from ..representations._surrogates import RevivingClamp as _RevivingClamp
+from ..representations._surrogates import check_slope
 from . import _native
 
 #: Typical pixel magnitude of a mean-subtracted image: 80/255 in the IJCV code's 0–255 units.
@@ -160,36 +162,9 @@ def check_mask(mask: Tensor, code_shape: Sequence[int]) -> Tensor:
     return mask.expand(code_shape)
 
 
-class _RevivingClamp(torch.autograd.Function):
-    """``pre.clamp(low, high)`` whose gradient also reaches clamped entries, scaled by ``slope``, in
-    the direction that would bring them back inside (a one-sided straight-through estimator).
-
-    The true gradient of a rectified code is zero at every switched-off entry, so an inversion can
-    only turn on a unit the target has on by changing the image for other reasons first.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, pre: Tensor, low: float, high: float, slope: float) -> Tensor:
-        ctx.save_for_backward(pre)
-        ctx.bounds, ctx.slope = (low, high), slope
-        return pre.clamp(low, high)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        (pre,) = ctx.saved_tensors
-        low, high = ctx.bounds
-        inside = (pre > low) & (pre < high)
-        # A descent step moves ``pre`` by −grad: up where grad < 0, down where grad > 0.
-        reviving = ((pre <= low) & (grad < 0)) | ((pre >= high) & (grad > 0))
-        weight = inside.to(grad.dtype).add_(reviving.to(grad.dtype), alpha=ctx.slope)
-        return grad * weight, None, None, None
-
-
 def check_rectifier_slope(value: object) -> float:
     """``value`` as a float if it is a number from 0 to 1, else a ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"rectifier_slope must be a number from 0 to 1, got {value!r}")
-    return float(value)
+    return check_slope("rectifier_slope", value)
 
 
 #: Floor of the squared relative error under a power < 2: far below any error worth reporting, it
