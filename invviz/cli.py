@@ -31,7 +31,7 @@ from .engine.loop import OPTIMIZERS
 from .images import image_grid, load_image, save_image
 from .representations import Representation, available_models, model_layers, model_options, representation
 from .representations._base import DEFAULT_ITERS
-from .representations.hog import HOG_ITERS
+from .representations._shallow import SHALLOW_ITERS
 
 
 class UsageError(Exception):
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rep_options(inv)
     inv.add_argument("--metrics", type=Path, help="write JSON metrics here")
     inv.add_argument(
-        "--iters", type=positive_int, help=f"optimization steps (default {DEFAULT_ITERS}; {HOG_ITERS} for hog and hogb)"
+        "--iters", type=positive_int, help=f"optimization steps (default {DEFAULT_ITERS}; {SHALLOW_ITERS} for hog, hogb and dsift)"
     )
     inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start noise and jitter (default 0)")
     inv.add_argument("--start-noise", type=non_negative_float,

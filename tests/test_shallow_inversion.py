@@ -111,9 +111,9 @@ def test_shallow_defaults_differ_from_cnn_defaults() -> None:
 
 
 def test_default_iterations_per_representation() -> None:
-    """HOG and HOGb take 400 steps by default, dense SIFT and CNN layers 200; an explicit count wins."""
+    """HOG, HOGb and dense SIFT take 400 steps by default, CNN layers 200; an explicit count wins."""
     counts = {spec: Settings().resolved(representation(spec)).iters for spec in ("hog", "hogb", "dsift", "tiny:conv2")}
-    assert counts == {"hog": 400, "hogb": 400, "dsift": 200, "tiny:conv2": 200}
+    assert counts == {"hog": 400, "hogb": 400, "dsift": 400, "tiny:conv2": 200}
     assert Settings(iters=7).resolved(representation("hog")).iters == 7
 
 

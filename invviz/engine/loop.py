@@ -50,8 +50,8 @@ class StopSignal(Protocol):
 class Settings:
     """Everything that shapes one inversion. ``None`` means "the representation's default".
 
-    - ``iters``: optimization steps; ``None``: the representation's default (200 for CNN layers and
-      dense SIFT, 400 for HOG and HOGb, whose per-cell normalization converges more slowly).
+    - ``iters``: optimization steps; ``None``: the representation's default (200 for CNN layers,
+      400 for HOG, HOGb and dense SIFT, whose per-cell normalization converges more slowly).
     - ``optimizer``: ``"adam"`` (fast default) or ``"paper"`` (CVPR 2015's momentum SGD schedule).
     - ``tv_weight``: weight of the TV^β prior; ``None`` picks a per-layer default that grows with
       depth, as in the paper.

@@ -25,10 +25,6 @@ from ._surrogates import check_slope, reviving_clamp
 __all__ = ["HOG", "HOGb", "render_hog"]
 
 CLAMP = 0.2
-#: Default steps of a HOG/HOGb inversion. Per-cell normalization makes flat regions' faint
-#: gradients count fully, and those converge slowly: on 8 scikit-image photos at 256²
-#: (``benchmarks/bench_table1.py``) 400 steps took HOG from 0.154 to 0.140 mean error.
-HOG_ITERS = 400
 #: Share of the gradient that reaches a truncated (0.2) bin, in the direction that brings it back
 #: under the truncation (``reviving_clamp``). The true gradient there is zero: a bin the
 #: reconstruction has truncated but the photo has not could never come down. On the 8
@@ -110,9 +106,6 @@ class HOG(ShallowRepresentation):
         super().__init__(layer)
         self.cell_size = check_positive_int("cell_size", cell_size)
         self.truncation_slope = check_slope("truncation_slope", truncation_slope)
-
-    def default_iters(self) -> int:
-        return HOG_ITERS
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> ``(B, 31, R, C)``."""
