@@ -20,7 +20,7 @@ ADAM_LR = 0.02
 #: Default steps. Per-cell normalization makes flat regions' faint gradients count fully, and those
 #: converge slowly: on the 8 photos 400 steps rather than 200 took HOG from 0.154 to 0.140 mean
 #: error, and dense SIFT from 0.071 to 0.068 (every photo lower; rocket 0.1003 → 0.0905, the one
-#: above the 0.10 bound at 200), at twice the time (6.6 → 13 s per 256² inversion, one thread).
+#: above the 0.10 bound at 200), at twice the time (6.6 → 12 s per 256² inversion, one thread).
 SHALLOW_ITERS = 400
 
 
