@@ -241,7 +241,7 @@ class FeatureMatch:
         key = (code.shape, code.dtype, code.device, rectifier, layout)
         if self._prepared is None or self._prepared[0] != key:
             # Laid out as the codes come (channels-last from the CPU engine's prepared input).
-            target = self.target.to(code).contiguous(memory_format=layout) if code.dim() == 4 else self.target.to(code).contiguous()
+            target = self.target.to(code).contiguous(memory_format=layout)
             selected = None if self.mask is None else self.mask.to(code).expand_as(code)
             reference = target.expand_as(code) if selected is None else target * selected
             norm = torch.linalg.vecdot(reference.flatten(1), reference.flatten(1)).clamp_min(torch.finfo(code.dtype).tiny)

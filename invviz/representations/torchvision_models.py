@@ -267,7 +267,7 @@ class CaffeStyleNet(_TorchvisionRepresentation):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → ``(B, C, H', W')``, or ``(B, D)`` from fc6 on."""
-        return self.net(self.normalize(images)).contiguous()
+        return self.forward_prepared(self.normalize(images)).contiguous()
 
     def forward_prepared(self, prepared: torch.Tensor) -> torch.Tensor:
         code: torch.Tensor = self.net(prepared)
