@@ -158,6 +158,20 @@ def test_custom_objective(photo) -> None:
     assert set(result.history) == {"feature", "tv"}
 
 
+@pytest.mark.parametrize("spec", ["efficientnet_lite0:blocks.1", "efficientnet_lite0:pool", "hog"])
+def test_custom_objective_takes_a_code_without_its_batch_dimension(photo, spec) -> None:
+    # The CPU engine feeds Lite0 channels-last input; a (C, H, W) target must be laid out like a batch of one.
+    rep = representation(spec)
+    with torch.no_grad():
+        target = rep(photo[None])
+    runs = [
+        invert(rep, photo, objective=match(rep, code) + 0.01 * tv(2), settings=Settings(iters=3), device="cpu")
+        for code in (target, target[0])
+    ]
+    assert runs[1].history == runs[0].history
+    assert torch.equal(runs[1].images, runs[0].images)
+
+
 def test_paper_schedule_follows_the_cvpr_code() -> None:
     settings = Settings(iters=400, optimizer="paper", lr=0.004)
     rates = [_learning_rate(settings, step) for step in range(400)]

@@ -299,6 +299,8 @@ def match(
     that switches them on. The value is unchanged; 0 is the true gradient.
     """
     target = target.detach()
+    if target.dim() == (3 if rep.is_spatial else 1):  # one code without its batch dimension
+        target = target[None]
     if mask is not None and not bool(mask.any()):
         raise ValueError("mask selects no code entry")
     slope = check_rectifier_slope(rectifier_slope)
