@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -60,6 +62,8 @@ def _number(kind: type, *, minimum: float | None = None, strictly: bool = False)
 
 
 positive_int = _number(int, minimum=1)
+#: Largest --size and --restarts: beyond, one inversion's buffers outgrow a workstation's memory.
+MAX_SIZE, MAX_RESTARTS = 4096, 256
 non_negative_int = _number(int, minimum=0)
 positive_float = _number(float, minimum=0, strictly=True)
 non_negative_float = _number(float, minimum=0)
@@ -153,11 +157,24 @@ def _representation(args: argparse.Namespace) -> Representation:
     return representation(args.rep, **options)
 
 
-def _check_output(path: Path, suffixes: tuple[str, ...]) -> None:
-    if path.suffix.lower() not in suffixes:
-        raise UsageError(f"--out must end in {' or '.join(suffixes)}, got {path}")
-    if not path.parent.exists():
-        raise UsageError(f"output folder does not exist: {path.parent}")
+def _check_output(path: Path, suffixes: tuple[str, ...] = (), option: str = "--out") -> None:
+    """Fail before any work if ``path`` cannot be written (wrong suffix, missing or read-only folder,
+    a directory in the way)."""
+    if suffixes and (path.suffix.lower() not in suffixes or not path.stem):
+        raise UsageError(f"{option} needs a file name ending in {' or '.join(suffixes)}, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option}: output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a directory")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UsageError(f"{option}: {path} is not writable")
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    if getattr(args, "size", None) is not None and args.size > MAX_SIZE:
+        raise UsageError(f"--size must be at most {MAX_SIZE}, got {args.size}")
+    if getattr(args, "restarts", 1) > MAX_RESTARTS:
+        raise UsageError(f"--restarts must be at most {MAX_RESTARTS}, got {args.restarts}")
 
 
 class ProgressBar:
@@ -188,7 +205,17 @@ class ProgressBar:
 
 def _invert_command(args: argparse.Namespace) -> None:
     _check_output(args.out, (".png",))
+    _check_sizes(args)
     gallery = args.channels is not None and not args.channels_together
+    outputs = [args.out] + [_sibling(args.out, str(k)) for k in range(2, args.restarts + 1)]
+    outputs += [_sibling(args.out, "grid")] if args.restarts > 1 else []
+    outputs += [_sibling(args.out, "rf")] if args.window is not None else []
+    for path in outputs[1:]:
+        _check_output(path, option=f"--out's companion {path.name}")
+    if args.metrics is not None:
+        _check_output(args.metrics, option="--metrics")
+        if args.metrics.resolve() in {path.resolve() for path in outputs}:
+            raise UsageError(f"--metrics {args.metrics} would overwrite an image this run writes")
     if args.channels_together and args.channels is None:
         raise UsageError("--channels-together needs --channels")
     if gallery and args.restarts > 1:
@@ -252,7 +279,10 @@ def _gallery_command(
     save_image(image_grid(tiles.images), args.out)
     _write_receptive_fields(args, rep, image, tiles.images)
     for channel, error in zip(tiles.channels, tiles.feature_error):
-        print(f"{args.out} channel {channel}: feature error {error:.4f}")
+        if channel in tiles.empty:
+            print(f"{args.out} channel {channel}: all zero in the target code, left blank")
+        else:
+            print(f"{args.out} channel {channel}: feature error {error:.4f}")
     if args.metrics is not None:
         args.metrics.write_text(json.dumps({**tiles.metrics(), "file": str(args.out)}, indent=2))
 
@@ -287,11 +317,14 @@ def _report(
 
 def _features_command(args: argparse.Namespace) -> None:
     _check_output(args.out, (".npy",))
+    _check_sizes(args)
     rep = _representation(args)
     image = load_image(args.image, args.size or rep.native_size)
+    rep.code_shape(*image.shape[1:])  # a clear error if the layer cannot take an image this small
     with torch.no_grad():
         code = rep(image[None])[0]
-    np.save(args.out, code.float().cpu().numpy().astype(np.float32))
+    with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to "F.NPY"
+        np.save(file, code.float().cpu().numpy().astype(np.float32))
     print(f"{args.out}: {rep.spec} code of shape {tuple(code.shape)}")
 
 
@@ -303,13 +336,15 @@ def _models_command(args: argparse.Namespace) -> None:
 
 
 def _layers_command(args: argparse.Namespace) -> None:
+    _check_sizes(args)
     layers = model_layers(args.model)
     options = {"weights": args.weights} if "weights" in model_options(args.model) else {}
     size = args.size or representation(args.model, layer=layers[0], **options).native_size or 224
     print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
-    for layer in layers:
-        rep = representation(args.model, layer=layer, **options)
-        shape = "×".join(str(n) for n in rep.code_shape(size, size))
+    reps = [representation(args.model, layer=layer, **options) for layer in layers]
+    shapes = [rep.code_shape(size, size) for rep in reps]  # all checked before the table starts
+    for layer, rep, code_shape in zip(layers, reps, shapes):
+        shape = "×".join(str(n) for n in code_shape)
         if rep.is_spatial:
             box = rep.receptive_field(0, 0, size, size, clip=False)
             field = f"{box.height}×{box.width} px"
@@ -319,22 +354,37 @@ def _layers_command(args: argparse.Namespace) -> None:
         print(f"{layer:<14} {shape:<18} {field:<16} {stride}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _demo_command(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; the demo writes a folder")
+    if not os.access(next(p for p in (args.out, *args.out.parents) if p.exists()), os.W_OK):
+        raise UsageError(f"--out {args.out} cannot be created or written")
+    run_demo(args.out, iters=args.iters, image=args.image, device=args.device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        command = {
-            "invert": _invert_command,
-            "features": _features_command,
-            "models": _models_command,
-            "layers": _layers_command,
-            "demo": lambda a: run_demo(a.out, iters=a.iters, image=a.image, device=a.device),
-        }[args.command]
-        command(args)
+        with warnings.catch_warnings():
+            # Library warnings (torch, torchvision, Pillow) are not the user's to act on here.
+            warnings.simplefilter("ignore")
+            args = parser.parse_args(argv)
+            command = {
+                "invert": _invert_command,
+                "features": _features_command,
+                "models": _models_command,
+                "layers": _layers_command,
+                "demo": _demo_command,
+            }[args.command]
+            command(args)
     except (UsageError, ValueError, DivergenceError) as error:
         print(f"invviz: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a disk that filled up while writing
+        where = f": {error.filename}" if error.filename else ""
+        print(f"invviz: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("invviz: interrupted", file=sys.stderr)

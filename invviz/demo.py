@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .engine import InversionResult, Settings, invert
+from .engine import InversionResult, Settings, invert, resolve_device
 from .images import load_image, roughness, sample_path, save_image, to_uint8
 from .representations import representation
 from .representations._base import DEFAULT_ITERS
@@ -35,8 +35,9 @@ def run_demo(
     """
     from .cli import ProgressBar
 
-    out.mkdir(parents=True, exist_ok=True)
     original = load_image(image or sample_path("chelsea"), 224)
+    resolve_device(device)  # bad input fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     reference_roughness = roughness(original)
     results: dict[str, InversionResult] = {}
     print(f"{'layer':<10} {'code shape':<14} {'feature error':>13} {'roughness':>10} {'seconds':>8}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -33,13 +34,41 @@ def _open(source: str | Path | bytes) -> Image.Image:
         if stream.stat().st_size == 0:
             raise ValueError(f"image file is empty: {label}")
     try:
-        with Image.open(stream) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # Large images are fine (they are resized); Pillow's bomb limit still raises below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                image.load()
+                return _to_rgb(image)
     except UnidentifiedImageError:
         raise ValueError(f"{label} is not an image Pillow can read") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{label} is too large to decode safely: {str(error).split(',')[0]}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot decode {label} (truncated or corrupt?): {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. One-channel 16-bit, 32-bit integer and float images are scaled, not clipped
+    (Pillow's own conversion clips them at 255, turning a 16-bit PNG white): by their type's range
+    when their values fit it (16-bit: 0-65535; 0-255 or [0, 1] for the others), else min to max."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
+        span = (0.0, 65535.0)
+    elif low >= 0 and high <= (1.0 if image.mode == "F" else 255.0):
+        span = (0.0, 1.0 if image.mode == "F" else 255.0)
+    else:
+        span = (low, high if high > low else low + 1.0)
+    scaled = np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0)
+    return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8)).convert("RGB")
+
+
+#: Widest aspect ratio resized whole; a longer image is first cut to this ratio around its centre
+#: (the part the centre crop keeps, with margin), so a 1×100000 strip does not become 224×22400000.
+_WIDEST_ASPECT = 8
 
 
 def _resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -47,6 +76,12 @@ def _resize_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     if (width, height) == (size, size):
         return image
+    short = min(width, height)
+    if max(width, height) > _WIDEST_ASPECT * short:
+        keep = _WIDEST_ASPECT * short
+        left, top = (width - min(width, keep)) // 2, (height - min(height, keep)) // 2
+        image = image.crop((left, top, left + min(width, keep), top + min(height, keep)))
+        width, height = image.size
     scale = size / min(width, height)
     new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
     image = image.resize(new_size, Image.Resampling.BICUBIC)
@@ -77,7 +112,7 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int 
     if isinstance(source, np.ndarray):
         image = Image.fromarray(source)
     elif isinstance(source, Image.Image):
-        image = source.convert("RGB")
+        image = _to_rgb(source)
     else:
         image = _open(source)
     if size is not None:

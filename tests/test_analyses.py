@@ -251,14 +251,21 @@ def test_gallery_rejects(image: Tensor, channels: list[int], options: dict[str, 
         channel_gallery(tiny_net(), image, channels, device="cpu", **options)  # type: ignore[arg-type]
 
 
-def test_gallery_rejects_a_channel_the_image_leaves_at_zero(image: Tensor) -> None:
+def test_gallery_leaves_out_channels_the_image_leaves_at_zero(image: Tensor) -> None:
     rep = TinyNet("conv2")
     assert rep.conv2.bias is not None
     with torch.no_grad():
         rep.conv2.weight[3] = 0
         rep.conv2.bias[3] = 0
+    settings = Settings(iters=3)
+    result = channel_gallery(rep, image, [2, 3, 4], settings=settings, device="cpu")
+    assert result.empty == [3] and result.metrics()["empty_channels"] == [3]
+    assert math.isnan(result.feature_error[1]) and not result.images[1].any()
+    # The others are what they would be without the dead channel.
+    alone = channel_gallery(rep, image, [2, 4], settings=settings, device="cpu")
+    assert not math.isnan(result.feature_error[0]) and torch.equal(result.images[0], alone.images[0])
     with pytest.raises(ValueError, match="channel 3 of the target code is all zero"):
-        channel_gallery(rep, image, [2, 3], device="cpu")
+        channel_gallery(rep, image, [3], device="cpu")
 
 
 # --- command line -------------------------------------------------------------------------------

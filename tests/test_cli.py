@@ -1,8 +1,10 @@
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from PIL import Image
 from support import run_cli
 
-from invviz.images import sample_path
+from invviz.images import load_image, sample_path
 
 
 @pytest.fixture()
@@ -61,6 +63,33 @@ def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
     np.testing.assert_allclose(np.load(out), expected.detach().numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "mode, scale",
+    [("I;16", 257), ("I", 257), ("I", 1), ("F", 1 / 255)],  # 16-bit PNG, 32-bit TIFF (both ranges), float TIFF
+)
+def test_one_channel_deep_images_are_scaled_not_clipped(tmp_path, mode, scale) -> None:
+    pixels = np.tile(np.arange(0, 256, 4, dtype=np.float64), (64, 1))  # a 0-252 ramp
+    deep = pixels * scale
+    array = deep.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
+    Image.fromarray(array).save(path)
+    assert Image.open(path).mode == mode
+    expected = torch.from_numpy(pixels / 255).float().expand(3, -1, -1)
+    torch.testing.assert_close(load_image(path), expected, atol=1 / 255, rtol=0)
+
+
+def test_a_long_strip_is_cut_before_it_is_resized(tmp_path) -> None:
+    strip = np.random.default_rng(0).integers(0, 256, (2, 100_000, 3), dtype=np.uint8)
+    path = tmp_path / "strip.png"
+    Image.fromarray(strip).save(path)
+    image = load_image(path, 32)  # resized whole, the strip would be 32×1,600,000
+    assert image.shape == (3, 32, 32)
+    # What the strip's centre columns give: the part of the strip the centre crop keeps.
+    middle = strip[:, 50_000 - 8 : 50_000 + 8]
+    reference = load_image(Image.fromarray(np.ascontiguousarray(middle)).resize((256, 32), Image.Resampling.BICUBIC).crop((112, 0, 144, 32)))
+    assert (image - reference).abs().mean() < 0.05
+
+
 def test_features_shapes(tmp_path, photo, capsys) -> None:
     out = tmp_path / "f.npy"
     assert run_cli(capsys, "features", photo, "--rep", "efficientnet_lite0:stem", "--out", out)[0] == 0
@@ -96,6 +125,32 @@ def _malicious_checkpoint(path: Path) -> Path:
     return path
 
 
+def _bomb_png(path: Path) -> Path:
+    """A tiny PNG whose header claims 30000×30000 pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def _lite0_weights(path: Path, change) -> Path:  # type: ignore[no-untyped-def]
+    """The bundled Lite0 state dict with ``change`` applied to one tensor."""
+    from invviz.representations.efficientnet import imagenet_weights_path
+
+    state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+    state["_fc.weight"] = change(state["_fc.weight"])
+    torch.save(state, path)
+    return path
+
+
+def _directory(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 BAD_INPUTS = {
     "missing file": (lambda t, p: ["invert", t / "nope.png", "--rep", "tiny:conv1", "--out", t / "o.png"], "not found"),
     "empty file": (lambda t, p: ["invert", (t / "e.png", (t / "e.png").write_bytes(b""))[0], "--rep", "tiny:conv1", "--out", t / "o.png"], "empty"),
@@ -117,6 +172,22 @@ BAD_INPUTS = {
     "missing checkpoint": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", t / "none.pth"], "weights"),
     "unknown device": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--device", "tpu"], "device"),
     "no command": (lambda t, p: [], "required"),
+    "image too small for the layer": (lambda t, p: ["invert", p, "--rep", "alexnet:pool5", "--weights", "random", "--out", t / "o.png", "--size", "32"], "cannot take a 32×32 image"),
+    "output is a directory": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", _directory(t / "d.png")], "is a directory"),
+    "restart output is a directory": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--restarts", "2", "--iters", "2", (_directory(t / "o-2.png"), "--quiet")[1]], "o-2.png is a directory"),
+    "metrics is a directory": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--metrics", _directory(t / "m.json")], "--metrics"),
+    "metrics over the image": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--metrics", t / "o.png"], "would overwrite"),
+    "huge alpha": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--alpha", "400"], "at most"),
+    "huge tv beta": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--tv-beta", "1000"], "at most"),
+    "huge size": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--size", "100000"], "at most"),
+    "huge restarts": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--restarts", "1000000"], "at most"),
+    "huge seed": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--seed", str(2**64)], "seed"),
+    "huge channel range": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--channels", "0-4294967295"], "out of range"),
+    "decompression bomb": (lambda t, p: ["invert", _bomb_png(t / "bomb.png"), "--rep", "tiny:conv1", "--out", t / "o.png"], "too large"),
+    "integer weights": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _lite0_weights(t / "w.pt", lambda w: w.int())], "floating point"),
+    "nan weights": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _lite0_weights(t / "w.pt", lambda w: w * float("nan"))], "nan"),
+    "weights directory": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _directory(t / "w")], "is a directory"),
+    "demo into a file": (lambda t, p: ["demo", "--out", p], "is a file"),
 }
 
 
@@ -141,6 +212,24 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_library_warnings_do_not_reach_the_error_line(tmp_path) -> None:
+    # torch warns about a plain pickle before refusing it: still one line on stderr.
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"weight": [1.0]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "invviz", "layers", "efficientnet_lite0", "--weights", str(path)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("invviz: error:"), result.stderr
+
+
+def test_features_writes_exactly_the_path_given(tmp_path, photo, capsys) -> None:
+    code, _, _ = run_cli(capsys, "features", photo, "--rep", "tiny:conv1", "--out", tmp_path / "F.NPY")
+    assert code == 0 and [p.name for p in tmp_path.glob("F.*")] == ["F.NPY"]
+    assert np.load(tmp_path / "F.NPY").dtype == np.float32
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:

@@ -243,7 +243,7 @@ def test_wrong_shapes_are_refused(tmp_path: Path) -> None:
     state["fc.weight"] = torch.zeros(10, 512)
     path = tmp_path / "resnet18_10_classes.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"wrong shapes: fc.weight \(10, 512\) instead of \(1000, 512\)"):
+    with pytest.raises(ValueError, match=r"wrong shapes or types: fc.weight \(10, 512\) instead of \(1000, 512\)"):
         resnet18_class()("layer2", weights=str(path))
 
 

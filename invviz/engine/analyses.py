@@ -9,7 +9,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -91,6 +91,8 @@ def parse_channels(text: str, channels: int) -> list[int]:
         last = int(found.group(2)) if found.group(2) is not None else first
         if last < first:
             raise ValueError(f"bad channel range {part.strip()!r} in {text!r}: the end is before the start")
+        if last >= channels:
+            raise ValueError(f"channel {last} is out of range: the code has channels 0-{channels - 1}")
         selected.extend(range(first, last + 1))
     return _checked_channels(selected, channels)
 
@@ -137,7 +139,8 @@ class GalleryResult:
     """One reconstruction per channel, ``images`` ``(N, 3, H, W)`` on the CPU in [0, 1].
 
     ``feature_error[i]`` is the error on channel ``channels[i]`` alone (NaN for tiles a stop
-    left unstarted, whose images are black).
+    left unstarted and for ``empty`` channels, whose images are black). ``empty``: the channels
+    whose target is all zero (in the mask), left out: there is nothing of them to match.
     """
 
     images: Tensor
@@ -147,6 +150,7 @@ class GalleryResult:
     settings: Settings
     stopped: bool = False
     spec: str = ""
+    empty: list[int] = field(default_factory=list)
 
     def metrics(self) -> dict[str, object]:
         return {
@@ -154,6 +158,7 @@ class GalleryResult:
             "seconds": self.seconds,
             "stopped": self.stopped,
             "channels": [{"channel": c, "feature_error": e} for c, e in zip(self.channels, self.feature_error)],
+            "empty_channels": self.empty,
             "settings": asdict(self.settings),
         }
 
@@ -195,10 +200,11 @@ def channel_gallery(
         masks[index, channel] = True
     if mask is not None:
         masks &= check_mask(mask, code_shape)
-    selected = target.abs().mul(masks.to(dev)).flatten(1).sum(1)
-    empty = [channels[i] for i in torch.nonzero(selected == 0).flatten().tolist()]
-    if empty:
-        raise ValueError(f"channel {empty[0]} of the target code is all zero (in the mask): nothing to match")
+    selected = target.abs().mul(masks.to(dev)).flatten(1).sum(1).cpu()
+    live = torch.nonzero(selected != 0).flatten().tolist()
+    if not live:
+        which = f"channel {channels[0]}" if len(channels) == 1 else f"all {len(channels)} channels"
+        raise ValueError(f"{which} of the target code {'is' if len(channels) == 1 else 'are'} all zero (in the mask): nothing to match")
     if chunk is None:
         chunk = len(channels) if dev.type == "cuda" else 1
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -211,7 +217,8 @@ def channel_gallery(
     images = torch.zeros(count, 3, height, width)
     errors = [math.nan] * count
     began = time.perf_counter()
-    chunks = [list(range(first, min(first + chunk, count))) for first in range(0, count, chunk)]
+    # Tiles of all-zero channels are skipped; the others keep the starts they would have in one batch.
+    chunks = [live[first : first + chunk] for first in range(0, len(live), chunk)]
     stopped = False
     for number, tiles in enumerate(chunks):
         if stop is not None and stop.is_set():
@@ -256,6 +263,7 @@ def channel_gallery(
         settings=settings,
         stopped=stopped,
         spec=rep.spec,
+        empty=[channels[i] for i in range(count) if i not in set(live)],
     )
 
 

@@ -142,11 +142,14 @@ class Settings:
         if self.pyramid_levels is not None:
             integer("pyramid_levels", self.pyramid_levels, 1, 8)
         integer("jitter", self.jitter, 0)
-        integer("seed", self.seed, 0)
+        integer("seed", self.seed, 0, MAX_SEED)
         finite("lr", self.lr, positive=True)
         finite("tv_weight", self.tv_weight)
         finite("tv_start", self.tv_start, positive=True)
         finite("tv_beta", self.tv_beta, positive=True)
+        for name, exponent in (("tv_beta", self.tv_beta), ("alpha", self.alpha)):
+            if exponent > MAX_EXPONENT:
+                raise ValueError(f"{name} must be at most {MAX_EXPONENT}, got {exponent}")
         finite("tv_chroma", self.tv_chroma)
         finite("alpha_weight", self.alpha_weight)
         finite("alpha", self.alpha, positive=True)
@@ -169,6 +172,10 @@ class Settings:
         )
 
 
+#: Largest seed: the jitter's generator takes ``seed + 1``, and larger seeds would alias smaller ones.
+MAX_SEED = 2**32 - 2
+#: Largest TV β and α: beyond, the priors' normalization ``1 / scale^exponent`` nears float32's range.
+MAX_EXPONENT = 16.0
 #: Adam's base rate on CNN codes. With the default feature_power 1, 0.03 beat 0.05 and 0.08 at 200
 #: steps on every Lite0 layer swept (blocks.2 to head, 8 photos; mean error 0.003-0.011 lower).
 ADAM_LR = 0.03

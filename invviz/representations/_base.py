@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -192,8 +195,12 @@ class Representation(nn.Module):
     def code_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of the code (without batch) for an input of ``height × width`` pixels."""
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            return tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        try:
+            with torch.no_grad():
+                return tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        except (RuntimeError, AssertionError) as error:  # e.g. a kernel larger than the shrunk input
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{self.spec} cannot take a {height}×{width} image: {reason}") from None
 
     def receptive_field(
         self,
@@ -218,3 +225,38 @@ class Representation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}"
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: a state dict, or a dict holding one under "state_dict"/"model"."""
+    if Path(path).is_dir():
+        raise ValueError(f"weights file {path} is a directory, not a checkpoint file")
+    if not Path(path).is_file():
+        raise ValueError(
+            f"weights file {path} does not exist (weights are 'imagenet', 'random' or a file's path)"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only names the import it refused ("GLOBAL posix.system"); other errors mean garbage
+        if "GLOBAL" in str(error):
+            raise ValueError(
+                f"weights file {path} holds pickled objects other than tensors, which could run code "
+                f"when loaded; save a plain state dict instead (torch.save(model.state_dict(), path))"
+            ) from error
+        raise ValueError(f"weights file {path} is not a PyTorch checkpoint") from error
+    except Exception as error:  # torch reports damaged files as RuntimeError, EOFError, KeyError...
+        raise ValueError(f"weights file {path} is not a PyTorch checkpoint, or it is truncated") from error
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not (
+        isinstance(loaded, Mapping)
+        and loaded
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
+    ):
+        raise ValueError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    broken = [k for k, v in loaded.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(f"weights file {path} holds NaN or infinite values (in {broken[0]})")
+    return dict(loaded)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_representation
-from ._base import InputLayout, Representation, channels_last_on_cpu
+from ._base import InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
 from ._geometry import Window
 
 __all__ = ["EfficientNetLite0", "imagenet_weights_path"]
@@ -212,24 +212,9 @@ def _upstream_names() -> dict[str, tuple[str, str]]:
     return names
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict file, loaded without running any code it may contain."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # torch.load reports a malformed or malicious file through many exception types.
-    except Exception as error:  # noqa: BLE001
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path} is not a loadable state dict file: {first_line}") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
-    ):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return state
-
-
 def _load_weights(stages: nn.ModuleList, path: Path) -> None:
     """Fill ``stages`` (all of them) from a state dict file in ``efficientnet_lite_pytorch``'s key format."""
-    state = _read_state_dict(path)
+    state = load_state_dict_file(path)
     names = _upstream_names()
     convs = {name: module for name, module in stages.named_modules() if isinstance(module, ConvBN)}
     classifier = stages[-1]
@@ -251,6 +236,9 @@ def _load_weights(stages: nn.ModuleList, path: Path) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
         )
     wrong = [key for key, shape in shapes.items() if tuple(state[key].shape) != shape]
+    integral = [key for key in shapes if not key.endswith("num_batches_tracked") and not state[key].is_floating_point()]
+    if integral:
+        raise ValueError(f"{path}: {integral[0]} is {state[integral[0]].dtype}; EfficientNet-Lite0 weights are floating point")
     if wrong:
         raise ValueError(
             f"{path}: {len(wrong)} tensor(s) of the wrong shape for EfficientNet-Lite0, e.g. {wrong[0]} "
@@ -290,12 +278,7 @@ class EfficientNetLite0(Representation):
         if weights is None or weights == "imagenet":
             _load_weights(stages, imagenet_weights_path())
         elif weights != "random":
-            path = Path(weights)
-            if not path.is_file():
-                raise ValueError(
-                    f"weights must be 'imagenet', 'random' or a state dict file; {weights!r} is not a file"
-                )
-            _load_weights(stages, path)
+            _load_weights(stages, Path(weights))  # a missing or bad file: one ValueError naming it
         # Only the stages up to the layer are kept, so nothing past the code is ever computed.
         self.stages = stages[: self.layers.index(layer) + 1]
 

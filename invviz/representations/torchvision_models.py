@@ -16,8 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -27,7 +26,7 @@ import torchvision
 from torch import nn
 
 from . import register_representation
-from ._base import InputLayout, Representation, channels_last_on_cpu
+from ._base import InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
 from ._geometry import Box, Window
 
 __all__ = [
@@ -75,36 +74,6 @@ def _pretrained_network(name: str) -> nn.Module:
         ) from error
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file: a state dict, or a dict holding one under "state_dict"/"model"."""
-    if not Path(path).is_file():
-        raise ValueError(
-            f"weights file {path} does not exist (weights are 'imagenet', 'random' or a file's path)"
-        )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # weights_only names the import it refused ("GLOBAL posix.system"); other errors mean garbage
-        if "GLOBAL" in str(error):
-            raise ValueError(
-                f"weights file {path} holds pickled objects other than tensors, which could run code "
-                f"when loaded; save a plain state dict instead (torch.save(model.state_dict(), path))"
-            ) from error
-        raise ValueError(f"weights file {path} is not a PyTorch checkpoint") from error
-    except Exception as error:  # torch reports damaged files as RuntimeError, EOFError, KeyError...
-        raise ValueError(f"weights file {path} is not a PyTorch checkpoint, or it is truncated") from error
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
-    if not (
-        isinstance(loaded, Mapping)
-        and loaded
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
-    ):
-        raise ValueError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(loaded)
-
-
 def _listing(items: Sequence[str], shown: int = 3) -> str:
     more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
@@ -120,10 +89,14 @@ def _load_into(
         f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
+    ] + [
+        f"{k} {state[k].dtype} instead of floating point"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
     ]
     problems = [
         f"{label} {_listing(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes:", reshaped))
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes or types:", reshaped))
         if keys
     ]
     if problems:
@@ -347,7 +320,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
         if not captured:
             raise ValueError(f"{self.spec} does not run when {self.model} classifies an image")
         if not isinstance(captured[0], torch.Tensor):
-            raise TypeError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor")
+            raise ValueError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor; pick a layer with a tensor output")  # noqa: TRY004 (the user picked the layer)
         return captured[0]
 
     def windows(self) -> Sequence[Window] | None:

@@ -116,7 +116,7 @@ class ChannelGallery(InversionWidget[GalleryResult]):
     def _finish(self, result: GalleryResult) -> None:
         self.feature_errors = result.feature_error
         self.grid.labels = [
-            f"ch {channel} · {error:.2f}" if math.isfinite(error) else f"ch {channel}"
+            f"ch {channel} · {error:.2f}" if math.isfinite(error) else f"ch {channel} · all 0" if channel in result.empty else f"ch {channel}"
             for channel, error in zip(result.channels, result.feature_error)
         ]
         verb = "stopped" if result.stopped else "done"
