@@ -222,6 +222,8 @@ def _invert_command(args: argparse.Namespace) -> None:
         raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
     rep = _representation(args)
     image = load_image(args.image, args.size or rep.native_size)
+    if args.jitter >= max(image.shape[1:]):
+        raise UsageError(f"--jitter must be smaller than the image ({image.shape[2]}×{image.shape[1]}), got {args.jitter}")
     settings = Settings(
         iters=args.iters,
         optimizer=args.optimizer,
@@ -354,6 +356,16 @@ def _layers_command(args: argparse.Namespace) -> None:
         print(f"{layer:<14} {shape:<18} {field:<16} {stride}")
 
 
+def _attach_window_values(argv: list[str]) -> list[str]:
+    """``--window -1,0,2,2`` → ``--window=-1,0,2,2``: argparse would take the value for an option
+    and say only "expected one argument"; attached, it reaches ``code_window``'s own message."""
+    for index in range(len(argv) - 1):
+        value = argv[index + 1]
+        if argv[index] == "--window" and value[:1] == "-" and value[1:2].isdigit():
+            return [*argv[:index], f"--window={value}", *_attach_window_values(argv[index + 2 :])]
+    return argv
+
+
 def _demo_command(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -370,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             # Library warnings (torch, torchvision, Pillow) are not the user's to act on here.
             warnings.simplefilter("ignore")
-            args = parser.parse_args(argv)
+            args = parser.parse_args(_attach_window_values(list(sys.argv[1:] if argv is None else argv)))
             command = {
                 "invert": _invert_command,
                 "features": _features_command,

@@ -188,6 +188,8 @@ BAD_INPUTS = {
     "nan weights": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _lite0_weights(t / "w.pt", lambda w: w * float("nan"))], "nan"),
     "weights directory": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _directory(t / "w")], "is a directory"),
     "demo into a file": (lambda t, p: ["demo", "--out", p], "is a file"),
+    "negative window": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--window", "-1,0,2,2"], "non-negative"),
+    "jitter beyond the image": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--jitter", "1000000"], "--jitter"),
 }
 
 
