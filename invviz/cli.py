@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters", type=positive_int, help=f"optimization steps (default {DEFAULT_ITERS}; {SHALLOW_ITERS} for hog, hogb and dsift)"
     )
     inv.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the start noise and jitter (default 0)")
+    inv.add_argument("--no-flat-regions", dest="flat_regions", action="store_false",
+                     help="hog/hogb/dsift: do not hold the pixels under the target's all-zero cells flat")
     inv.add_argument("--start-noise", type=non_negative_float,
                      help="deviation of the start image's noise around the mean pixel (default: 0, a flat start, for CNN layers; 0.05 for hog/hogb/dsift and for --restarts)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
@@ -239,6 +241,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         rectifier_slope=args.rectifier_slope,
         feature_power=args.feature_power,
         start_noise=args.start_noise,
+        flat_regions=args.flat_regions,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)

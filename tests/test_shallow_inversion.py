@@ -148,3 +148,73 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path, capsys) -> None:
 def test_api_names_the_bad_parameter(spec: str, options: dict[str, object], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         representation(spec, **options)
+
+
+def _flat_square_image(size: int = 64) -> torch.Tensor:
+    """Noise with a flat square in it: the code is all zero over the square's inside."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    pixels[8:48, 12:56] = 90
+    return torch.from_numpy(pixels).float().div(255).expand(3, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("spec", ["hog", "hogb", "dsift"])
+def test_flat_support_holds_what_an_all_zero_cell_says_is_flat(spec: str) -> None:
+    rep = representation(spec)
+    image = _flat_square_image()
+    with torch.no_grad():
+        code = rep(image[None])[0]
+    zero = (code == 0).all(0)
+    assert 0 < int(zero.sum()) < zero.numel()
+    for row, col in zero.nonzero().tolist():
+        box = rep.flat_support(row, col, 64, 64)
+        patch = image[0, box.top : box.bottom, box.left : box.right]
+        assert bool((patch == patch[0, 0]).all()), (row, col, box)
+    # Tight along the box's middle row and column: changing one pixel just inside wakes the cell.
+    row, col = zero.nonzero()[len(zero.nonzero()) // 2].tolist()
+    box = rep.flat_support(row, col, 64, 64)
+    middle_y, middle_x = (box.top + box.bottom) // 2, (box.left + box.right) // 2
+    for y, x in ((box.top, middle_x), (box.bottom - 1, middle_x), (middle_y, box.left), (middle_y, box.right - 1)):
+        poked = image.clone()
+        poked[:, y, x] += 0.1
+        with torch.no_grad():
+            assert bool(rep(poked[None])[0, :, row, col].abs().sum() > 0), (y, x)
+
+
+@pytest.mark.parametrize("spec", ["hog", "dsift"])
+def test_pixels_under_all_zero_cells_come_out_flat(spec: str) -> None:
+    from invviz.engine.flat import FlatRegions
+
+    rep = representation(spec)
+    image = _flat_square_image()
+    settings = Settings(iters=30)
+    with torch.no_grad():
+        target = rep(image[None])
+    regions = FlatRegions.from_target(rep, target, 1, 64, 64)
+    assert regions is not None and regions.regions == 1
+    held = regions.ids[0].view(64, 64) > 0
+    result = invert(rep, image, settings=settings)
+    inside = torch.from_numpy(to_uint8(result.image)[..., 0])[held]
+    assert bool((inside == inside[0]).all())  # one value, even after 8-bit rounding
+    free = invert(rep, image, settings=Settings(iters=30, flat_regions=False))
+    assert torch.from_numpy(to_uint8(free.image)[..., 0])[held].unique().numel() > 1
+    # The reported error is the error of the image returned.
+    with torch.no_grad():
+        error = ((rep(result.images) - target).norm() / target.norm()).item()
+    assert result.feature_error[0] == pytest.approx(error, rel=1e-5)
+
+
+def test_flat_regions_stay_out_of_masked_and_custom_inversions() -> None:
+    from invviz import match, tv
+
+    rep = representation("hog")
+    image = _flat_square_image()
+    with torch.no_grad():
+        target = rep(image[None])
+    mask = torch.ones(target.shape[-2:], dtype=torch.bool)
+    masked = invert(rep, image, mask=mask, settings=Settings(iters=3))
+    custom = invert(rep, image, objective=match(rep, target) + 0.001 * tv(2), settings=Settings(iters=3))
+    for result in (masked, custom):
+        assert torch.from_numpy(to_uint8(result.image)[..., 0])[12:44, 16:52].unique().numel() > 1
+    with pytest.raises(ValueError, match="flat_regions"):
+        Settings(flat_regions=1)  # type: ignore[arg-type]

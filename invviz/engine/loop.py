@@ -20,6 +20,7 @@ from ..representations import Representation
 from . import _native
 from ._device import resolve_device
 from ._threads import keep_freed_memory
+from .flat import FlatRegions
 from .objectives import (
     MEAN_PIXEL,
     TV_EPSILON,
@@ -101,6 +102,11 @@ class Settings:
       reported error are unchanged. On ``head`` at 200 steps it took the error from 0.56 to 0.23 (8 photos);
       on AlexNet with random weights (``relu5``, ``relu7``, 3 photos) it changed the error by ≤ 0.005
       (pretrained AlexNet / VGG16 weights are not on this machine to measure).
+    - ``flat_regions``: for codes where an all-zero cell means an exactly flat image under it
+      (HOG, HOGb, DSIFT: ``Representation.zero_means_flat``), the pixels under the target's
+      all-zero cells are held flat, one value per connected region (see ``engine.flat``). Only
+      with the default objective and no mask. On retina (a clipped black surround) it took the
+      HOG error from 0.185 to 0.147, and astronaut's from 0.126 to 0.117.
     """
 
     iters: int | None = None
@@ -118,6 +124,7 @@ class Settings:
     rectifier_slope: float = 0.7
     feature_power: float | None = None
     start_noise: float | None = None
+    flat_regions: bool = True
 
     def __post_init__(self) -> None:
         def finite(name: str, value: float | None, positive: bool = False) -> None:
@@ -156,6 +163,8 @@ class Settings:
         finite("feature_power", self.feature_power, positive=True)
         finite("start_noise", self.start_noise)
         check_rectifier_slope(self.rectifier_slope)
+        if not isinstance(self.flat_regions, bool):
+            raise ValueError(f"flat_regions must be True or False, got {self.flat_regions!r}")  # noqa: TRY004
 
     def resolved(self, rep: Representation) -> Settings:
         """These settings with every ``None`` replaced by the representation's default."""
@@ -514,7 +523,7 @@ def _native_stepper(
             found[alpha_name] = [value * alpha_scale for value in alpha_values]
         values = {name: found[name] for name in objective.names if name in found}
         check(values, step)
-        return images, values
+        return view(images), values
 
     return take_step
 
@@ -603,8 +612,16 @@ def invert(
     pyramid = _Pyramid(start, settings.pyramid_levels, native)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     jittered_steps = round(settings.iters * (1 - UNJITTERED_FRACTION))
+    flat = (
+        FlatRegions.from_target(rep, target, batch, height, width)
+        if settings.flat_regions and scheduled and mask is None
+        else None
+    )
 
     def view(x: Tensor) -> Tensor:
+        """The image the objective sees and the caller gets: flat regions tied, RGB."""
+        if flat is not None:
+            x = flat.project(x)
         return x.expand(-1, 3, -1, -1) if channels == 1 else x
 
     def shifted(x: Tensor, step: int) -> Tensor:

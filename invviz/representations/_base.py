@@ -75,6 +75,9 @@ class Representation(nn.Module):
     native_size: ClassVar[int | None] = None
     #: whether only the luminance of the image reaches the code (HOG, SIFT).
     grayscale: ClassVar[bool] = False
+    #: whether a code cell is all zero exactly when the image is flat over its receptive field
+    #: (contrast-normalized gradient codes: HOG, SIFT), so that the engine may tie those pixels.
+    zero_means_flat: ClassVar[bool] = False
 
     def __init__(self, layer: str) -> None:
         super().__init__()
@@ -222,6 +225,11 @@ class Representation(nn.Module):
             cols = (col, col + 1) if isinstance(col, int) else col
             box = window_box(windows, height, width, rows, cols)
         return box.clip(height, width) if clip else box
+
+    def flat_support(self, row: int, col: int, height: int, width: int) -> Box:
+        """For ``zero_means_flat`` codes: the pixels that are flat wherever code cell ``(row, col)``
+        is all zero. Its receptive field, unless a subclass knows a tighter box."""
+        return self.receptive_field(row, col, height, width)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}"

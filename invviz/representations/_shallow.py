@@ -34,6 +34,8 @@ class ShallowRepresentation(Representation):
     layers: ClassVar[tuple[str, ...]] = ("features",)
     native_size: ClassVar[int | None] = None
     grayscale: ClassVar[bool] = True
+    # A cell's normalized gradient histogram is zero exactly when its gradients all are.
+    zero_means_flat: ClassVar[bool] = True
 
     def default_tv_weight(self) -> float:
         return TV_WEIGHT

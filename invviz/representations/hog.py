@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register_representation
-from ._geometry import Box, Window
+from ._geometry import Box, Window, window_box
 from ._glyphs import ORIENTATIONS, render_hog
 from ._shallow import ShallowRepresentation, check_positive_int, gray_255, safe_sqrt
 from ._surrogates import check_slope, reviving_clamp
@@ -209,6 +209,12 @@ class HOG(ShallowRepresentation):
             if not 0 <= start < stop <= count:
                 raise ValueError(f"HOG {name} {start}:{stop} is outside the code's {count} {name}s")
         return super().receptive_field(row, col, height, width, clip)
+
+    def flat_support(self, row: int, col: int, height: int, width: int) -> Box:
+        """The pixels whose gradients enter cell ``(row, col)``'s histogram: the receptive field
+        without the block normalization, which only divides the histogram."""
+        self.receptive_field(row, col, height, width)  # the range check
+        return window_box(self.windows()[:-1], height, width, (row, row + 1), (col, col + 1)).clip(height, width)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, cell_size={self.cell_size}"

@@ -1,0 +1,75 @@
+"""Flat regions: pixels a code says are flat, tied to one value per connected region.
+
+HOG and SIFT normalize each cell's gradient histogram by its neighbourhood's energy, so the faintest
+texture gives a full-strength code: a cell is all zero only where the original image is exactly
+flat over the cell's receptive field (a clipped black border, a blown-out sky), and no gradient
+step can make a textured reconstruction exactly flat there (the code of a texture does not shrink
+with its contrast). The engine therefore optimizes those pixels as one value per connected flat
+region: the image the objective sees is the optimized one with each region replaced by its mean.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..representations import Representation
+
+
+class FlatRegions:
+    """Per image of a batch, the regions to hold flat: ``ids`` ``(B, H·W)``, 0 for free pixels and
+    ``1 … K`` for the region a pixel belongs to."""
+
+    def __init__(self, ids: Tensor) -> None:
+        self.ids = ids
+        self.regions = int(ids.max())
+        counts = torch.zeros(ids.shape[0], self.regions + 1, dtype=torch.float32, device=ids.device)
+        self._counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32)).clamp_min_(1)[:, None]
+
+    @classmethod
+    def from_target(cls, rep: Representation, target: Tensor, batch: int, height: int, width: int) -> FlatRegions | None:
+        """Regions of the all-zero cells of ``target`` ``(B or 1, C, H', W')``; ``None`` if there are none."""
+        if not rep.zero_means_flat or target.dim() != 4:
+            return None
+        zero = (target == 0).all(1).cpu()  # (B, H', W')
+        if not bool(zero.any()):
+            return None
+        rows = [_region_ids(rep, cells, height, width) for cells in zero]
+        ids = torch.stack(rows).expand(batch, -1) if len(rows) == 1 else torch.stack(rows)
+        return cls(ids.contiguous().to(target.device))
+
+    def project(self, images: Tensor) -> Tensor:
+        """``images`` ``(B, C, H, W)`` with every region set to its mean (differentiable)."""
+        batch, channels = images.shape[:2]
+        flat = images.reshape(batch, channels, -1)
+        index = self.ids[:, None, :].expand(batch, channels, -1)
+        sums = flat.new_zeros(batch, channels, self.regions + 1).scatter_add(2, index, flat)
+        means = sums / self._counts.to(flat.dtype)
+        return torch.where(index > 0, means.gather(2, index), flat).reshape(images.shape)
+
+
+def _region_ids(rep: Representation, zero: Tensor, height: int, width: int) -> Tensor:
+    """``(H·W,)`` region ids of one image's all-zero cells ``zero`` ``(H', W')``: the union of their
+    ``flat_support`` boxes, one region per group of overlapping boxes."""
+    cells = zero.nonzero().tolist()
+    ids = torch.zeros(height, width, dtype=torch.long)
+    if not cells:
+        return ids.flatten()
+    boxes = torch.tensor(
+        [[box.top, box.left, box.bottom, box.right] for box in (rep.flat_support(r, c, height, width) for r, c in cells)]
+    )
+    top, left, bottom, right = boxes.unbind(1)
+    overlap = (
+        (top[:, None] < bottom[None]) & (top[None] < bottom[:, None]) & (left[:, None] < right[None]) & (left[None] < right[:, None])
+    )
+    # Connected groups: every cell takes the smallest index it reaches through overlapping fields.
+    label = torch.arange(len(cells))
+    while True:
+        spread = torch.where(overlap, label[None], len(cells)).min(1).values
+        if torch.equal(spread, label):
+            break
+        label = spread
+    region = torch.unique(label, return_inverse=True)[1] + 1
+    for (t, lft, b, rgt), number in zip(boxes.tolist(), region.tolist()):
+        ids[t:b, lft:rgt] = number
+    return ids.flatten()
