@@ -218,3 +218,30 @@ def test_flat_regions_stay_out_of_masked_and_custom_inversions() -> None:
         assert torch.from_numpy(to_uint8(result.image)[..., 0])[12:44, 16:52].unique().numel() > 1
     with pytest.raises(ValueError, match="flat_regions"):
         Settings(flat_regions=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec", ["hog", "dsift"])
+def test_separate_flat_areas_are_separate_regions(spec: str) -> None:
+    from invviz.engine.flat import FlatRegions
+
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (96, 128), dtype=np.uint8)
+    pixels[4:44, 4:60] = 30
+    pixels[52:92, 70:124] = 200
+    image = torch.from_numpy(pixels).float().div(255).expand(3, -1, -1)[None]
+    rep = representation(spec)
+    with torch.no_grad():
+        target = rep(image)
+    regions = FlatRegions.from_target(rep, target.expand(2, -1, -1, -1), 2, 96, 128)
+    assert regions is not None and regions.regions == 2 and regions.ids.shape == (2, 96 * 128)
+    for number, value in ((1, 30), (2, 200)):
+        held = regions.ids[1].view(96, 128) == number
+        assert bool(held.any()) and bool((torch.from_numpy(pixels)[held] == value).all())
+    # Each region is replaced by its mean, the rest is untouched.
+    x = torch.rand(2, 1, 96, 128)
+    projected = regions.project(x)
+    for row in range(2):
+        held = regions.ids[row].view(1, 96, 128) == 1
+        expected = x[row][held].mean().expand(int(held.sum()))
+        torch.testing.assert_close(projected[row][held], expected)
+    assert torch.equal(projected[regions.ids.view(2, 1, 96, 128) == 0], x[regions.ids.view(2, 1, 96, 128) == 0])

@@ -50,26 +50,47 @@ class FlatRegions:
 
 def _region_ids(rep: Representation, zero: Tensor, height: int, width: int) -> Tensor:
     """``(H·W,)`` region ids of one image's all-zero cells ``zero`` ``(H', W')``: the union of their
-    ``flat_support`` boxes, one region per group of overlapping boxes."""
-    cells = zero.nonzero().tolist()
+    ``flat_support`` boxes, one region per group of overlapping boxes.
+
+    The boxes lie on the code's grid (a cell's rows depend on its row only, its columns on its
+    column), so overlaps are found between nearby cells by shifting the grid, and the groups by
+    letting each cell take the smallest label among the cells it overlaps until nothing changes.
+    """
+    rows, cols = zero.shape
     ids = torch.zeros(height, width, dtype=torch.long)
-    if not cells:
+    if not bool(zero.any()):
         return ids.flatten()
-    boxes = torch.tensor(
-        [[box.top, box.left, box.bottom, box.right] for box in (rep.flat_support(r, c, height, width) for r, c in cells)]
-    )
-    top, left, bottom, right = boxes.unbind(1)
-    overlap = (
-        (top[:, None] < bottom[None]) & (top[None] < bottom[:, None]) & (left[:, None] < right[None]) & (left[None] < right[:, None])
-    )
-    # Connected groups: every cell takes the smallest index it reaches through overlapping fields.
-    label = torch.arange(len(cells))
+    row_boxes = [rep.flat_support(r, 0, height, width) for r in range(rows)]
+    col_boxes = [rep.flat_support(0, c, height, width) for c in range(cols)]
+    tops, bottoms = (torch.tensor([getattr(b, side) for b in row_boxes]) for side in ("top", "bottom"))
+    lefts, rights = (torch.tensor([getattr(b, side) for b in col_boxes]) for side in ("left", "right"))
+
+    def overlapping(starts: Tensor, stops: Tensor) -> list[tuple[int, Tensor]]:
+        """Per offset ``d`` with any overlap: whether interval ``i`` overlaps interval ``i + d``."""
+        found = []
+        for d in range(-(len(starts) - 1), len(starts)):
+            i = torch.arange(max(0, -d), min(len(starts), len(starts) - d))
+            both = (starts[i] < stops[i + d]) & (starts[i + d] < stops[i])
+            if bool(both.any()):
+                found.append((d, torch.zeros(len(starts), dtype=torch.bool).index_put((i,), both)))
+        return found
+
+    pairs = [(dr, dc, row_ok[:, None] & col_ok[None]) for dr, row_ok in overlapping(tops, bottoms) for dc, col_ok in overlapping(lefts, rights)]
+    unset = rows * cols
+    label = torch.where(zero, torch.arange(unset).view(rows, cols), unset)
     while True:
-        spread = torch.where(overlap, label[None], len(cells)).min(1).values
+        spread = label.clone()
+        for dr, dc, ok in pairs:
+            # The label of cell (r + dr, c + dc), where that cell exists, is zero and overlaps (r, c).
+            neighbour = torch.full_like(label, unset)
+            target = (slice(max(0, -dr), rows - max(0, dr)), slice(max(0, -dc), cols - max(0, dc)))
+            source = (slice(max(0, dr), rows - max(0, -dr)), slice(max(0, dc), cols - max(0, -dc)))
+            neighbour[target] = label[source]
+            spread = torch.where(zero & ok, torch.minimum(spread, neighbour), spread)
         if torch.equal(spread, label):
             break
         label = spread
-    region = torch.unique(label, return_inverse=True)[1] + 1
-    for (t, lft, b, rgt), number in zip(boxes.tolist(), region.tolist()):
-        ids[t:b, lft:rgt] = number
+    region = torch.unique(label[zero], return_inverse=True)[1] + 1
+    for (r, c), number in zip(zero.nonzero().tolist(), region.tolist()):
+        ids[tops[r] : bottoms[r], lefts[c] : rights[c]] = number
     return ids.flatten()
