@@ -123,6 +123,7 @@ STATUS = """() => document.querySelector(".invviz-status")?.textContent ?? "" ""
 
 
 def test_explorer_notebook_in_chromium(jupyter: tuple[Frontend, str]) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 
     frontend, url = jupyter
@@ -140,10 +141,20 @@ def test_explorer_notebook_in_chromium(jupyter: tuple[Frontend, str]) -> None:
             news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast
             if news.is_visible():
                 news.click()
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
-            page.wait_for_selector("canvas.invviz-picker-canvas", timeout=90_000)
+            def run_all_cells() -> None:
+                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+            run_all_cells()
+            try:
+                page.wait_for_selector("canvas.invviz-picker-canvas", timeout=60_000)
+            except PlaywrightTimeoutError:
+                # Seen once (Notebook 7, 1 run of 5 in a session): no widget 90 s after Run All.
+                # Keep what the page showed, then ask once more; a widget that never renders still fails.
+                page.screenshot(path=str(ARTIFACTS / f"browser-explorer-{frontend.name}-no-widget.png"), full_page=True)
+                run_all_cells()
+                page.wait_for_selector("canvas.invviz-picker-canvas", timeout=90_000)
             page.wait_for_function(f"() => ({STATUS})().startsWith('done')", timeout=90_000)
             before = page.evaluate(PIXELS)
             assert before, "the reconstruction never appeared"
