@@ -62,11 +62,11 @@ def _number(kind: type, *, minimum: float | None = None, strictly: bool = False)
 
 
 positive_int = _number(int, minimum=1)
-#: Largest --size and --restarts: beyond, one inversion's buffers outgrow a workstation's memory.
-MAX_SIZE, MAX_RESTARTS = 4096, 256
 non_negative_int = _number(int, minimum=0)
 positive_float = _number(float, minimum=0, strictly=True)
 non_negative_float = _number(float, minimum=0)
+#: Largest --size and --restarts: beyond, one inversion's buffers outgrow a workstation's memory.
+MAX_SIZE, MAX_RESTARTS = 4096, 256
 
 
 def code_window(text: str) -> tuple[int, int, int, int]:

@@ -263,7 +263,7 @@ def channel_gallery(
         settings=settings,
         stopped=stopped,
         spec=rep.spec,
-        empty=[channels[i] for i in range(count) if i not in set(live)],
+        empty=[channels[i] for i in sorted(set(range(count)) - set(live))],
     )
 
 

@@ -154,12 +154,12 @@ class Settings:
         finite("tv_weight", self.tv_weight)
         finite("tv_start", self.tv_start, positive=True)
         finite("tv_beta", self.tv_beta, positive=True)
-        for name, exponent in (("tv_beta", self.tv_beta), ("alpha", self.alpha)):
-            if exponent > MAX_EXPONENT:
-                raise ValueError(f"{name} must be at most {MAX_EXPONENT}, got {exponent}")
         finite("tv_chroma", self.tv_chroma)
         finite("alpha_weight", self.alpha_weight)
         finite("alpha", self.alpha, positive=True)
+        for name, exponent in (("tv_beta", self.tv_beta), ("alpha", self.alpha)):
+            if exponent > MAX_EXPONENT:
+                raise ValueError(f"{name} must be at most {MAX_EXPONENT}, got {exponent}")
         finite("feature_power", self.feature_power, positive=True)
         finite("start_noise", self.start_noise)
         check_rectifier_slope(self.rectifier_slope)

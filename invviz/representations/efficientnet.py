@@ -236,14 +236,14 @@ def _load_weights(stages: nn.ModuleList, path: Path) -> None:
             f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
         )
     wrong = [key for key, shape in shapes.items() if tuple(state[key].shape) != shape]
-    integral = [key for key in shapes if not key.endswith("num_batches_tracked") and not state[key].is_floating_point()]
-    if integral:
-        raise ValueError(f"{path}: {integral[0]} is {state[integral[0]].dtype}; EfficientNet-Lite0 weights are floating point")
     if wrong:
         raise ValueError(
             f"{path}: {len(wrong)} tensor(s) of the wrong shape for EfficientNet-Lite0, e.g. {wrong[0]} "
             f"is {tuple(state[wrong[0]].shape)}, expected {shapes[wrong[0]]}"
         )
+    integral = [key for key in shapes if not key.endswith("num_batches_tracked") and not state[key].is_floating_point()]
+    if integral:
+        raise ValueError(f"{path}: {integral[0]} is {state[integral[0]].dtype}; EfficientNet-Lite0 weights are floating point")
     for name, module in convs.items():
         conv, bn = names[name]
         module.fold(state[f"{conv}.weight"], *(state[f"{bn}.{tensor}"] for tensor in _BN_TENSORS))

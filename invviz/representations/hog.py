@@ -203,18 +203,23 @@ class HOG(ShallowRepresentation):
         Windows with symmetric padding cannot express VLFeat's rounded cell count
         ``(n + cell_size // 2) // cell_size``, so it is checked here before the (exact) box is built.
         """
-        for name, cells, pixels in (("row", row, height), ("col", col, width)):
-            start, stop = (cells, cells + 1) if isinstance(cells, int) else cells
-            count = hog_cells(pixels, self.cell_size)
-            if not 0 <= start < stop <= count:
-                raise ValueError(f"HOG {name} {start}:{stop} is outside the code's {count} {name}s")
+        self._check_cells(row, col, height, width)
         return super().receptive_field(row, col, height, width, clip)
 
     def flat_support(self, row: int, col: int, height: int, width: int) -> Box:
         """The pixels whose gradients enter cell ``(row, col)``'s histogram: the receptive field
         without the block normalization, which only divides the histogram."""
-        self.receptive_field(row, col, height, width)  # the range check
+        self._check_cells(row, col, height, width)
         return window_box(self.windows()[:-1], height, width, (row, row + 1), (col, col + 1)).clip(height, width)
+
+    def _check_cells(
+        self, row: int | tuple[int, int], col: int | tuple[int, int], height: int, width: int
+    ) -> None:
+        for name, cells, pixels in (("row", row, height), ("col", col, width)):
+            start, stop = (cells, cells + 1) if isinstance(cells, int) else cells
+            count = hog_cells(pixels, self.cell_size)
+            if not 0 <= start < stop <= count:
+                raise ValueError(f"HOG {name} {start}:{stop} is outside the code's {count} {name}s")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, cell_size={self.cell_size}"
