@@ -145,6 +145,9 @@ def test_layer_and_model_change_update_the_picker(explorer: Explorer) -> None:
     explorer.wait(60)
     assert explorer.layer == "features" and explorer.error == ""
     assert explorer.result is not None and explorer.result.spec == "hog:features"
+    # HOG is polished on the 8-bit grid after its 10 steps; the loss plot holds the steps only.
+    assert explorer.result.polished == 25 and explorer.progress == 1.0
+    assert explorer._history and all(step <= 10 for step, _ in explorer._history)
 
 
 def test_errors_are_shown_in_the_widget(explorer: Explorer, monkeypatch: pytest.MonkeyPatch) -> None:

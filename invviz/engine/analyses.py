@@ -23,6 +23,7 @@ from .loop import (
     Step,
     StopSignal,
     invert,
+    polishing,
     random_start,
 )
 from .objectives import check_mask
@@ -187,7 +188,7 @@ def channel_gallery(
     """
     settings = (settings or Settings()).resolved(rep)
     assert settings.iters is not None
-    iters = settings.iters
+    iters = settings.iters + polishing(rep, settings)  # each tile's steps, polishing rounds included
     dev = resolve_device(device)
     height, width = _image_size(image)
     rep = rep.to(dev)

@@ -188,6 +188,11 @@ class Representation(nn.Module):
         flat start, for CNN layers (see ``Settings``)."""
         return 0.0
 
+    def default_polish(self, iters: int) -> int:
+        """Rounds of 8-bit polishing (``Settings.polish``) after ``iters`` steps when none is given:
+        none for CNN codes, which 8-bit rounding barely moves."""
+        return 0
+
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
 

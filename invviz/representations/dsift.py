@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -98,6 +99,11 @@ class DenseSIFT(ShallowRepresentation):
     has its top-left bin centre at pixel ``(r * step, c * step)``. Channel
     ``32 * bin_y + 8 * bin_x + orientation`` (VLFeat's order), orientation ``k * 45°``.
     """
+
+    # Three times HOG's polishing: descriptors overlap more (an 8-pixel block reaches 7 frames a
+    # side, against 5 HOG cells), and the search converged more slowly. Retina, the one photo over
+    # the 0.10 bound, went 0.117 → 0.105 with 1,000 rounds and 0.097 with 3,000 (VLFeat, 8 bits).
+    polish_per_step: ClassVar[float] = 7.5
 
     def __init__(self, layer: str, bin_size: int = 5, step: int = 5) -> None:
         super().__init__(layer)

@@ -155,9 +155,11 @@ class Explorer(InversionWidget[InversionResult]):
         self.reconstruction = snapshot.png(0)
         progress = snapshot.progress
         self.progress = progress.step / progress.total if progress.total else 1.0
-        self._history.append((progress.step, sum(progress.terms.values())))
-        steps, losses = zip(*self._history)
-        self._loss_plot.value = loss_svg(steps, losses, total=progress.total)
+        if progress.terms:  # polishing rounds report the feature error only, not the loss
+            self._history.append((progress.step, sum(progress.terms.values())))
+        if self._history:
+            steps, losses = zip(*self._history)
+            self._loss_plot.value = loss_svg(steps, losses, total=progress.total)
         if math.isfinite(progress.feature_error):
             self.feature_error = progress.feature_error
         self.status = progress_line(snapshot)

@@ -1,0 +1,175 @@
+"""Polishing: the result rounded to 8 bits, as a PNG stores it, then searched on the 8-bit grid.
+
+Rounding a reconstruction to 8 bits adds up to half a level of noise to every pixel. CNN codes
+barely notice; HOG and SIFT normalize each cell by its neighbourhood's gradient energy, so where the
+reconstruction is faint that noise becomes a large part of the code: on the 8 scikit-image photos it
+cost 0.010-0.030 of relative HOG and DSIFT error (rocket's HOG: 0.146 before rounding, 0.163 after).
+
+A gradient step of a whole level is too coarse for the gradient's prediction to hold, so the search
+proposes moves and keeps those that lower the true error. It stays cheap because HOG and SIFT cells
+are local: the image is cut into square blocks, and blocks whose code cells (those whose receptive
+field meets the block) are disjoint are tried together, each kept or dropped on the change of its
+own cells alone. Each round is one forward pass; it tries every block of one such colour class,
+moving a random share of its pixels one level against the gradient, and each block's share grows
+while its moves are kept and shrinks while they are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..representations import Representation
+
+#: Side of the square pixel blocks decided on together. 8 beat 16 on rocket's HOG (0.141 vs 0.142
+#: after 300 rounds) and is HOG's default cell.
+BLOCK = 8
+#: A block's first share of moved pixels, and its bounds.
+FIRST_SHARE, MAX_SHARE = 0.05, 0.5
+#: Rounds between fresh gradients (the moves' directions). On rocket's HOG, 500 rounds with a fresh
+#: gradient every 8 reached 0.138 in the time 300 with one every round reached 0.141.
+REFRESH = 8
+
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One image axis cut into blocks: ``cells[b]`` the code rows (or columns) block ``b`` reaches,
+    ``period`` the smallest spacing of blocks whose cells never overlap."""
+
+    blocks: int
+    cells: list[tuple[int, int]]
+    period: int
+
+    @classmethod
+    def of(cls, reach: Callable[[int], tuple[int, int]], cells: int, pixels: int) -> _Axis:
+        boxes = [reach(cell) for cell in range(cells)]
+        blocks = -(-pixels // BLOCK)
+        touched = []
+        for block in range(blocks):
+            first, stop = block * BLOCK, min(pixels, (block + 1) * BLOCK)
+            hit = [cell for cell, (lo, hi) in enumerate(boxes) if lo < stop and first < hi]
+            touched.append((min(hit), max(hit) + 1) if hit else (0, 0))
+        period = 1
+        while any(touched[b][1] > touched[b + period][0] for b in range(blocks - period)):
+            period += 1
+        return cls(blocks, touched, period)
+
+    def owners(self, colour: int, cells: int) -> Tensor:
+        """``(cells,)``: the block of colour ``colour`` each code cell belongs to, or -1."""
+        owner = torch.full((cells,), -1, dtype=torch.long)
+        for block in range(colour, self.blocks, self.period):
+            lo, hi = self.cells[block]
+            owner[lo:hi] = block
+        return owner
+
+
+def polish(
+    rep: Representation,
+    images: Tensor,
+    target: Tensor,
+    rounds: int,
+    *,
+    mask: Tensor | None = None,
+    frozen: Tensor | None = None,
+    seed: int = 0,
+    on_round: Callable[[int, Tensor, list[float]], bool] | None = None,
+) -> tuple[Tensor, int]:
+    """``images`` ``(B, 3, H, W)`` in [0, 1], rounded to 8 bits and polished for ``rounds`` rounds.
+
+    ``target`` ``(B or 1, C, H', W')`` is the code to match (``mask``, broadcastable to it, selects
+    the entries that count); ``frozen`` ``(B, H, W)`` marks pixels left as rounded (flat regions).
+    Grayscale representations move the three channels together. ``on_round(done, images, errors)``
+    is called after each round with the relative feature error of each image, and ends the search
+    by returning True. Returns the 8-bit-exact images (multiples of 1/255), whose error is never
+    above the rounded input's, and the number of rounds done.
+    """
+    if images.dim() != 4 or target.dim() != 4:
+        raise ValueError("polishing needs images (B, 3, H, W) and a spatial code (B, C, H', W')")
+    batch, _, height, width = images.shape
+    device = images.device
+    channels = 1 if rep.grayscale else 3
+    levels = torch.round(images[:, :channels].clamp(0, 1) * 255)
+    if rounds < 1:
+        return _rgb(levels / 255), 0
+    weights = None if mask is None else mask.to(device, torch.float32)
+    rows, cols = target.shape[-2:]
+    y = _Axis.of(lambda r: _span(rep.receptive_field(r, 0, height, width), "top", "bottom"), rows, height)
+    x = _Axis.of(lambda c: _span(rep.receptive_field(0, c, height, width), "left", "right"), cols, width)
+    colours = [(cy, cx) for cy in range(y.period) for cx in range(x.period)]
+    owners = [_owners(y.owners(cy, rows), x.owners(cx, cols), x.blocks, device) for cy, cx in colours]
+    block_y = (torch.arange(height, device=device) // BLOCK) % y.period
+    block_x = (torch.arange(width, device=device) // BLOCK) % x.period
+    movable = torch.ones(batch, 1, height, width, dtype=torch.bool, device=device)
+    if frozen is not None:
+        movable &= ~frozen.to(device, torch.bool)[:, None]
+    share = torch.full((batch, y.blocks, x.blocks), FIRST_SHARE, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    norms = (target**2 if weights is None else target**2 * weights).expand(batch, -1, -1, -1).sum((1, 2, 3))
+
+    def cell_losses(candidate: Tensor, gradient: bool) -> tuple[Tensor, Tensor | None]:
+        pixels = (candidate / 255).requires_grad_(gradient)
+        with torch.set_grad_enabled(gradient):
+            squared = (rep(_rgb(pixels)) - target) ** 2
+            if weights is not None:
+                squared = squared * weights
+            losses = squared.sum(1)
+            grad = torch.autograd.grad(losses.sum(), pixels)[0] if gradient else None
+        return losses.detach(), grad
+
+    current, grad = cell_losses(levels, True)
+    done = 0
+    while done < rounds:
+        if done % REFRESH == 0 and done:
+            current, grad = cell_losses(levels, True)
+        assert grad is not None
+        colour = done % len(colours)
+        colour_y, colour_x = colours[colour]
+        index, owned = owners[colour]
+        move = -torch.sign(grad)
+        allowed = (levels + move >= 0) & (levels + move <= 255) & (move != 0) & movable
+        active = ((block_y == colour_y)[:, None] & (block_x == colour_x)[None])[None, None]
+        chance = _pixels(share, height, width)
+        chosen = allowed & active & (torch.rand(levels.shape, generator=generator, device=device) < chance)
+        candidate = torch.where(chosen, levels + move, levels)
+        trial, _ = cell_losses(candidate, False)
+        # Each block of this colour is kept or dropped on the change of its own code cells.
+        change = torch.where(owned, trial - current, 0).flatten(1)
+        per_block = change.new_zeros(batch, y.blocks * x.blocks).index_add_(1, index, change)
+        tried = torch.zeros(y.blocks, x.blocks, dtype=torch.bool, device=device)
+        tried[colour_y :: y.period, colour_x :: x.period] = True
+        kept = tried & (per_block.view(batch, y.blocks, x.blocks) < 0)
+        share = torch.where(kept, (share * 1.5).clamp_max(MAX_SHARE), share)
+        share = torch.where(tried & ~kept, (share / 2).clamp_min(1 / BLOCK**2), share)
+        levels = torch.where(_pixels(kept, height, width), candidate, levels)
+        kept_cells = kept.flatten(1).gather(1, index.expand(batch, -1)).view(batch, rows, cols) & owned
+        current = torch.where(kept_cells, trial, current)
+        done += 1
+        if on_round is not None:
+            errors = (current.sum((1, 2)) / norms).sqrt().tolist()
+            if on_round(done, _rgb(levels / 255), errors):
+                break
+    return _rgb(levels / 255), done
+
+
+def _owners(owner_y: Tensor, owner_x: Tensor, blocks_x: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For one colour: each code cell's block as a flat index, and whether it has one."""
+    owned = (owner_y[:, None] >= 0) & (owner_x[None] >= 0)
+    index = (owner_y.clamp_min(0)[:, None] * blocks_x + owner_x.clamp_min(0)[None]).flatten()
+    return index.to(device), owned.to(device)
+
+
+def _pixels(per_block: Tensor, height: int, width: int) -> Tensor:
+    """``(B, Y, X)`` per-block values spread over ``(B, 1, H, W)`` pixels."""
+    return per_block.repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)[:, None, :height, :width]
+
+
+def _span(box: object, low: str, high: str) -> tuple[int, int]:
+    return getattr(box, low), getattr(box, high)
+
+
+def _rgb(images: Tensor) -> Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
