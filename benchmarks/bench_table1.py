@@ -99,7 +99,11 @@ def main() -> None:
         parser.error("the paper's normalization needs at least 2 photos")
 
     results = {spec: run(spec, names, iters) for spec in SPECS}
-    counts = iters or ", ".join(f"{spec} {Settings().resolved(representation(spec)).iters}" for spec in SPECS)
+    def steps(spec: str) -> str:
+        resolved = Settings(iters=iters).resolved(representation(spec))
+        return f"{spec} {resolved.iters} + {resolved.polish} polishing rounds"
+
+    counts = ", ".join(steps(spec) for spec in SPECS)
     print(f"\nTable 1 — {len(names)} scikit-image photos at {SIZE}², default settings, iterations: {counts}, "
           f"error of the 8-bit result measured with VLFeat, {args.threads} CPU thread(s)")
     print(f"{'rep':<7} {'‖Φ(x)−Φ0‖/‖Φ0‖':<17} {'paper-normalized %':<20} {'paper (ILSVRC) %':<18} s / inversion")

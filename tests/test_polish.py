@@ -136,14 +136,15 @@ def test_invert_polishes_by_default_for_hog_and_sift_only() -> None:
 
 def test_invert_reports_polishing_steps_and_returns_the_png(coffee: torch.Tensor) -> None:
     rep = representation("hog")
-    steps: list[tuple[int, int, bool]] = []
+    steps: list[tuple[int, int, bool, bool]] = []
     result = invert(
         rep, coffee, settings=Settings(iters=12, polish=30),
-        on_step=lambda step: steps.append((step.step, step.total, bool(step.terms))),
+        on_step=lambda step: steps.append((step.step, step.total, bool(step.terms), step.polishing)),
     )
     assert result.steps == 12 and result.polished == 30 and not result.stopped
     assert [s[0] for s in steps] == list(range(1, 43)) and {s[1] for s in steps} == {42}
-    assert all(terms for _, _, terms in steps[:12]) and not any(terms for _, _, terms in steps[12:])
+    assert [s[2] for s in steps] == [True] * 12 + [False] * 30, "polishing rounds have no loss terms"
+    assert [s[3] for s in steps] == [False] * 12 + [True] * 30
     assert len(result.history["feature"]) == 12
     assert torch.equal(torch.round(result.images * 255) / 255, result.images)
     with torch.no_grad():
@@ -180,3 +181,25 @@ def test_cli_polish_option(tmp_path, capsys) -> None:
     assert code == 0 and "(5 iterations," in stdout
     code, _, stderr = run_cli(capsys, "invert", sample_path("coffee"), "--rep", "hog", "--polish", "-3", "--out", out)
     assert code == 2 and "--polish" in stderr and "Traceback" not in stderr
+
+
+def test_a_job_and_the_gallery_report_polishing() -> None:
+    from invviz import InversionEngine, channel_gallery
+    from invviz.widgets._base import progress_line
+
+    image = load_image(sample_path("coffee"), 40)
+    rep = representation("hog")
+    seen: list[tuple[int, int, bool]] = []
+    gallery = channel_gallery(
+        rep, image, [0, 5], settings=Settings(iters=4, polish=6),
+        on_step=lambda step, tiles: seen.append((step.step, step.total, step.polishing)),
+    )
+    assert [s[0] for s in seen] == list(range(1, 21)) and {s[1] for s in seen} == {20}
+    assert [s[2] for s in seen] == ([False] * 4 + [True] * 6) * 2
+    assert torch.equal(torch.round(gallery.images * 255) / 255, gallery.images)
+    with InversionEngine(device="cpu") as engine:
+        job = engine.submit(rep, image, settings=Settings(iters=3, polish=5))
+        job.wait(60)
+    assert job.progress is not None and job.progress.polishing and job.progress.step == job.progress.total == 8
+    assert job.latest is not None and job.latest.final
+    assert progress_line(job.latest).startswith("polishing 8/8 · feature error")

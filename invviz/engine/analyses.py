@@ -9,7 +9,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -230,7 +230,7 @@ def channel_gallery(
         def chunk_step(step: Step, tiles: list[int] = tiles, offset: int = offset) -> None:
             assert on_step is not None
             total = len(chunks) * iters
-            on_step(Step(offset + step.step, total, step.terms, step.feature_error, step.images, step.seconds), tiles)
+            on_step(replace(step, step=offset + step.step, total=total), tiles)
 
         try:
             result = invert(

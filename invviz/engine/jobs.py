@@ -43,7 +43,8 @@ class TaskResult(Protocol):
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a job stands. ``terms`` and ``feature_error`` are means over the batch (NaN if unknown)."""
+    """Where a job stands. ``terms`` and ``feature_error`` are means over the batch (NaN if unknown);
+    ``polishing``: the steps are done and the result is being polished (``Settings.polish``)."""
 
     step: int
     total: int
@@ -51,6 +52,7 @@ class Progress:
     feature_error: float
     eta: float | None
     elapsed: float
+    polishing: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Reporter:
             feature_error=_mean(step.feature_error),
             eta=elapsed / step.step * (step.total - step.step) if step.step > 0 else None,
             elapsed=elapsed,
+            polishing=step.polishing,
         )
         self.job.progress = progress
         due = (

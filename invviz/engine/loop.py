@@ -216,7 +216,11 @@ UNJITTERED_FRACTION = 0.2
 
 @dataclass
 class Step:
-    """What ``on_step`` receives after each step. ``images`` is the live tensor: copy to keep it."""
+    """What ``on_step`` receives after each step. ``images`` is the live tensor: copy to keep it.
+
+    ``total`` counts the steps and the polishing rounds after them (``Settings.polish``); a
+    polishing round has ``polishing`` set and no ``terms``, only the ``feature_error``.
+    """
 
     step: int
     total: int
@@ -224,6 +228,7 @@ class Step:
     feature_error: list[float]
     images: Tensor
     seconds: float
+    polishing: bool = False
 
 
 @dataclass
@@ -707,7 +712,7 @@ def invert(
         def on_round(done: int, polishing: Tensor, errors: list[float]) -> bool:
             if on_step is not None:
                 seconds = time.perf_counter() - began
-                on_step(Step(steps + done, total, {}, errors, polishing, seconds))
+                on_step(Step(steps + done, total, {}, errors, polishing, seconds, polishing=True))
             return stop is not None and stop.is_set()
 
         frozen = None if flat is None else (flat.ids > 0).view(-1, height, width)

@@ -416,7 +416,7 @@ def _escape(text: str) -> str:
 
 
 def progress_line(snapshot: Snapshot) -> str:
-    """``"step 40/200 · feature error 0.312"``."""
+    """``"step 40/200 · feature error 0.312"`` (``"polishing 1020/1400 · …"`` after the steps)."""
     progress = snapshot.progress
     error = f" · feature error {progress.feature_error:.3f}" if math.isfinite(progress.feature_error) else ""
-    return f"step {progress.step}/{progress.total}{error}"
+    return f"{'polishing' if progress.polishing else 'step'} {progress.step}/{progress.total}{error}"
