@@ -220,6 +220,10 @@ def _invert_command(args: argparse.Namespace) -> None:
         _check_output(args.metrics, option="--metrics")
         if args.metrics.resolve() in {path.resolve() for path in outputs}:
             raise UsageError(f"--metrics {args.metrics} would overwrite an image this run writes")
+    source = Path(args.image).resolve()
+    for path in [*outputs, *([args.metrics] if args.metrics is not None else [])]:
+        if path.resolve() == source:
+            raise UsageError(f"{path} is the input image: choose another --out / --metrics, it would be overwritten")
     if args.channels_together and args.channels is None:
         raise UsageError("--channels-together needs --channels")
     if gallery and args.restarts > 1:

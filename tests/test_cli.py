@@ -193,6 +193,19 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.parametrize("target", ["out", "restart", "metrics"])
+def test_no_output_may_overwrite_the_input_image(target: str, tmp_path, photo, capsys) -> None:
+    """Bad input loses nothing: --out, a restart's companion file or --metrics naming the input."""
+    before = photo.read_bytes()
+    out = {"out": photo, "restart": tmp_path / "photo-2.png"}.get(target, tmp_path / "o.png")
+    if target == "restart":
+        out, photo = tmp_path / "photo.png", photo.rename(tmp_path / "photo-2.png")
+    extra = ["--metrics", photo] if target == "metrics" else ["--restarts", "2"] if target == "restart" else []
+    code, _, stderr = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", out, "--iters", "2", *extra)
+    assert code == 2 and "is the input image" in stderr and len(stderr.strip().splitlines()) == 1
+    assert photo.read_bytes() == before
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, photo, capsys) -> None:
     make, fragment = BAD_INPUTS[case]
