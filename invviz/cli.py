@@ -202,7 +202,8 @@ class ProgressBar:
         width = 30
         filled = round(width * step.step / step.total)
         error = f" err {step.feature_error[0]:.3f}" if step.feature_error else ""
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}"
+        phase = " polishing" if step.polishing else ""
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}{phase}"
         sys.stderr.write(("\r" if self.live else "") + line + ("\n" if finished else ""))
         sys.stderr.flush()
 

@@ -177,11 +177,12 @@ def test_a_stop_during_polishing_ends_it(coffee: torch.Tensor) -> None:
 
 def test_cli_polish_option(tmp_path, capsys) -> None:
     out = tmp_path / "out.png"
-    code, stdout, _ = run_cli(
+    code, stdout, stderr = run_cli(
         capsys, "invert", sample_path("coffee"), "--rep", "hog", "--size", "48", "--iters", "5", "--polish", "9",
-        "--out", out, "--quiet",
+        "--out", out,
     )
     assert code == 0 and "5 iterations + 9 polishing rounds" in stdout
+    assert "14/14" in stderr and stderr.strip().endswith("polishing")  # the progress bar's finished line
     code, stdout, _ = run_cli(
         capsys, "invert", sample_path("coffee"), "--rep", "hog", "--size", "48", "--iters", "5", "--polish", "0",
         "--out", out, "--quiet",
