@@ -105,6 +105,7 @@ def polish(
     owners = [_owners(y.owners(cy, rows), x.owners(cx, cols), x.blocks, device) for cy, cx in colours]
     block_y = (torch.arange(height, device=device) // BLOCK) % y.period
     block_x = (torch.arange(width, device=device) // BLOCK) % x.period
+    actives = [((block_y == cy)[:, None] & (block_x == cx)[None])[None, None] for cy, cx in colours]
     movable = torch.ones(batch, 1, height, width, dtype=torch.bool, device=device)
     if frozen is not None:
         movable &= ~frozen.to(device, torch.bool)[:, None]
@@ -135,9 +136,8 @@ def polish(
         index, owned = owners[colour]
         move = -torch.sign(grad)
         allowed = (levels + move >= 0) & (levels + move <= 255) & (move != 0) & movable
-        active = ((block_y == colour_y)[:, None] & (block_x == colour_x)[None])[None, None]
         chance = _pixels(share, height, width)
-        chosen = allowed & active & (torch.rand(levels.shape, generator=generator, device=device) < chance)
+        chosen = allowed & actives[colour] & (torch.rand(levels.shape, generator=generator, device=device) < chance)
         candidate = torch.where(chosen, levels + move, levels)
         trial, _ = cell_losses(candidate, False)
         # Each block of this colour is kept or dropped on the change of its own code cells.
