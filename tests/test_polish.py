@@ -212,3 +212,19 @@ def test_a_job_and_the_gallery_report_polishing() -> None:
     assert job.progress is not None and job.progress.polishing and job.progress.step == job.progress.total == 8
     assert job.latest is not None and job.latest.final
     assert progress_line(job.latest).startswith("polishing 8/8 · feature error")
+
+
+def test_polish_moves_each_colour_channel_of_a_cnn_code() -> None:
+    """Opt-in for CNN codes: three channels searched separately, never worse than rounding."""
+    rep = representation("tiny:conv2")
+    image = load_image(sample_path("chelsea"), 32)
+    with torch.no_grad():
+        target = rep(image[None])
+    start = invert(rep, image, settings=Settings(iters=30)).images
+    assert Settings(iters=30).resolved(rep).polish == 0
+    rounded = torch.round(start * 255) / 255
+    polished, done = polish(rep, start, target, 40)
+    assert done == 40 and torch.equal(torch.round(polished * 255) / 255, polished)
+    moved = (polished != rounded).any(2).any(2)[0]
+    assert int(moved.sum()) >= 2, "more than one colour channel moves"
+    assert _errors(rep, polished, target)[0] < _errors(rep, rounded, target)[0]
