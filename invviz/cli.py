@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--no-flat-regions", dest="flat_regions", action="store_false",
                      help="hog/hogb/dsift: do not hold the pixels under the target's all-zero cells flat")
     inv.add_argument("--polish", type=non_negative_int,
-                     help="rounds of 8-bit polishing after the last step: moves of one grey level kept where they lower the error (default: 2.5 per step for hog/hogb, 7.5 for dsift, 0 for CNN layers)")
+                     help="rounds of 8-bit polishing after the last step: moves of one grey level kept where they lower the error (default: 2.5 per step for hog/hogb, 10 for dsift, 0 for CNN layers)")
     inv.add_argument("--start-noise", type=non_negative_float,
                      help="deviation of the start image's noise around the mean pixel (default: 0, a flat start, for CNN layers; 0.05 for hog/hogb/dsift and for --restarts)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")

@@ -134,7 +134,7 @@ def test_polish_batches_images_independently(coffee: torch.Tensor) -> None:
 
 def test_invert_polishes_by_default_for_hog_and_sift_only() -> None:
     settings = {spec: Settings(iters=20).resolved(representation(spec)) for spec in ("hog", "hogb", "dsift", "tiny:conv2")}
-    assert {spec: s.polish for spec, s in settings.items()} == {"hog": 50, "hogb": 50, "dsift": 150, "tiny:conv2": 0}
+    assert {spec: s.polish for spec, s in settings.items()} == {"hog": 50, "hogb": 50, "dsift": 200, "tiny:conv2": 0}
     assert Settings(iters=20, polish=7).resolved(representation("hog")).polish == 7
     assert Settings().resolved(representation("hog")).polish == 1000
     for bad in (-1, 1.5, True, 10**6):

@@ -112,7 +112,7 @@ class Settings:
       rounded to 8 bits, as a PNG stores it, and searched on that grid, one level at a time, block
       by block, keeping only moves that lower the true feature error. The result is then exactly
       what a PNG holds, and its error the PNG's. ``None``: the representation's default, 2.5 rounds
-      per step for HOG, HOGb and DSIFT, none for CNN codes. Only with the default objective and
+      per step for HOG and HOGb, 10 for DSIFT, none for CNN codes. Only with the default objective and
       spatial codes; a stopped run is not polished.
     """
 
