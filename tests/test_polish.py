@@ -11,7 +11,7 @@ import torch
 from support import run_cli
 
 from invviz import Settings, invert, representation
-from invviz.engine.polish import BLOCK, _Axis, _span, polish
+from invviz.engine.polish import BLOCK, ROUNDING_OFFSETS, _Axis, _span, polish
 from invviz.images import load_image, sample_path
 
 
@@ -102,7 +102,15 @@ def test_polish_keeps_frozen_pixels_and_masked_out_areas(coffee: torch.Tensor) -
     frozen = torch.zeros(1, 64, 64, dtype=torch.bool)
     frozen[:, 10:40, 20:50] = True
     polished, _ = polish(rep, start, target, 40, frozen=frozen)
-    assert torch.equal(polished[:, :, 10:40, 20:50], rounded[:, :, 10:40, 20:50])
+
+    def as_rounded(region: tuple[slice, slice]) -> bool:
+        """The region is the input rounded with one of the offsets tried, untouched by the search."""
+        return any(
+            torch.equal(polished[(..., *region)], (torch.round(start * 255 + offset).clamp(0, 255) / 255)[(..., *region)])
+            for offset in ROUNDING_OFFSETS
+        )
+
+    assert as_rounded((slice(10, 40), slice(20, 50)))
     assert not torch.equal(polished, rounded)
     # Only the cells of a window count: blocks out of every window cell's receptive field stay.
     mask = torch.zeros(target.shape[1:], dtype=torch.bool)
@@ -112,7 +120,10 @@ def test_polish_keeps_frozen_pixels_and_masked_out_areas(coffee: torch.Tensor) -
     top, left = box.top // BLOCK * BLOCK, box.left // BLOCK * BLOCK  # the first blocks it meets
     outside = torch.ones(64, 64, dtype=torch.bool)
     outside[top : box.bottom, left : box.right] = False
-    assert torch.equal(polished[..., outside], rounded[..., outside])
+    assert any(
+        torch.equal(polished[..., outside], (torch.round(start * 255 + offset).clamp(0, 255) / 255)[..., outside])
+        for offset in ROUNDING_OFFSETS
+    )
     assert _errors(rep, polished, target, mask)[0] < _errors(rep, rounded, target, mask)[0]
 
 
@@ -228,3 +239,14 @@ def test_polish_moves_each_colour_channel_of_a_cnn_code() -> None:
     moved = (polished != rounded).any(2).any(2)[0]
     assert int(moved.sum()) >= 2, "more than one colour channel moves"
     assert _errors(rep, polished, target)[0] < _errors(rep, rounded, target)[0]
+
+
+def test_rounding_offset_is_chosen_per_image_by_the_loss() -> None:
+    from invviz.engine.polish import _best_rounding
+
+    pixels = torch.tensor([10.4, 10.4]).view(2, 1, 1, 1).expand(2, 1, 3, 3)
+    goals = torch.tensor([11.0, 10.0]).view(2, 1, 1, 1)
+    chosen = _best_rounding(pixels, lambda c: (c - goals).abs().sum((1, 2, 3)))
+    assert chosen[0].unique().tolist() == [11.0] and chosen[1].unique().tolist() == [10.0]
+    # Ties keep plain rounding (offset 0 comes first).
+    assert _best_rounding(pixels, lambda c: torch.zeros(2)).unique().tolist() == [10.0]
