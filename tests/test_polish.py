@@ -11,7 +11,7 @@ import torch
 from support import run_cli
 
 from invviz import Settings, invert, representation
-from invviz.engine.polish import BLOCK, ROUNDING_OFFSETS, _Axis, _span, polish
+from invviz.engine.polish import BLOCK, ROUNDING_OFFSETS, _axes, polish
 from invviz.images import load_image, sample_path
 
 
@@ -43,8 +43,7 @@ def test_axis_blocks_reach_only_the_cells_they_list(spec: str, options: dict[str
     image = torch.rand(1, 3, height, width, requires_grad=True)
     code = rep(image)
     rows, cols = code.shape[-2:]
-    y = _Axis.of(lambda r: _span(rep.receptive_field(r, 0, height, width), "top", "bottom"), rows, height)
-    x = _Axis.of(lambda c: _span(rep.receptive_field(0, c, height, width), "left", "right"), cols, width)
+    y, x = _axes(rep, rows, cols, height, width)
     assert y.blocks == -(-height // BLOCK) and x.blocks == -(-width // BLOCK)
     # Which pixels each code row / column depends on, from the gradient of its sum.
     for axis, cells, size, dim in ((y, rows, height, 2), (x, cols, width, 3)):

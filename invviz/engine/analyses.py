@@ -188,7 +188,7 @@ def channel_gallery(
     """
     settings = (settings or Settings()).resolved(rep)
     assert settings.iters is not None
-    iters = settings.iters + polishing(rep, settings)  # each tile's steps, polishing rounds included
+    per_tile = settings.iters + polishing(rep, settings)  # each tile's steps and polishing rounds
     dev = resolve_device(device)
     height, width = _image_size(image)
     rep = rep.to(dev)
@@ -225,11 +225,11 @@ def channel_gallery(
         if stop is not None and stop.is_set():
             stopped = True
             break
-        offset = number * iters
+        offset = number * per_tile
 
         def chunk_step(step: Step, tiles: list[int] = tiles, offset: int = offset) -> None:
             assert on_step is not None
-            total = len(chunks) * iters
+            total = len(chunks) * per_tile
             on_step(replace(step, step=offset + step.step, total=total), tiles)
 
         try:

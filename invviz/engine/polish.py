@@ -47,8 +47,8 @@ class _Axis:
     period: int
 
     @classmethod
-    def of(cls, reach: Callable[[int], tuple[int, int]], cells: int, pixels: int) -> _Axis:
-        boxes = [reach(cell) for cell in range(cells)]
+    def of(cls, boxes: list[tuple[int, int]], pixels: int) -> _Axis:
+        """From each code row's (or column's) pixel span ``[lo, hi)`` along an axis of ``pixels``."""
         blocks = -(-pixels // BLOCK)
         touched = []
         for block in range(blocks):
@@ -98,13 +98,12 @@ def polish(
     batch, _, height, width = images.shape
     device = images.device
     channels = 1 if rep.grayscale else 3
-    levels = torch.round(images[:, :channels].clamp(0, 1) * 255)
+    unrounded = images[:, :channels].clamp(0, 1) * 255
     if rounds < 1:
-        return _rgb(levels / 255), 0
+        return _rgb(torch.round(unrounded) / 255), 0
     weights = None if mask is None else mask.to(device, torch.float32)
     rows, cols = target.shape[-2:]
-    y = _Axis.of(lambda r: _span(rep.receptive_field(r, 0, height, width), "top", "bottom"), rows, height)
-    x = _Axis.of(lambda c: _span(rep.receptive_field(0, c, height, width), "left", "right"), cols, width)
+    y, x = _axes(rep, rows, cols, height, width)
     colours = [(cy, cx) for cy in range(y.period) for cx in range(x.period)]
     owners = [_owners(y.owners(cy, rows), x.owners(cx, cols), x.blocks, device) for cy, cx in colours]
     # Per colour: the flat indices (over channels and pixels) of its blocks' pixels, each pixel's
@@ -137,7 +136,7 @@ def polish(
             grad = torch.autograd.grad(losses.sum(), pixels)[0] if gradient else None
         return losses.detach(), grad
 
-    levels = _best_rounding(images[:, :channels].clamp(0, 1) * 255, lambda c: cell_losses(c, False)[0].sum((1, 2)))
+    levels = _best_rounding(unrounded, lambda c: cell_losses(c, False)[0].sum((1, 2)))
     flat = levels.view(batch, -1)  # shares levels' memory: rounds write into it
     done = 0
     while done < rounds:
@@ -179,18 +178,24 @@ def polish(
 def _best_rounding(pixels: Tensor, losses: Callable[[Tensor], Tensor]) -> Tensor:
     """``pixels`` (0-255 floats) rounded with the best of ``ROUNDING_OFFSETS`` per image: where a
     code is nearly flat, which side of a level a region's value falls on decides the code."""
-    best, best_loss = None, None
-    for offset in ROUNDING_OFFSETS:
-        candidate = torch.round(pixels + offset).clamp_(0, 255).contiguous()
+    best = torch.round(pixels + ROUNDING_OFFSETS[0]).clamp_(0, 255)
+    best_loss = losses(best)
+    for offset in ROUNDING_OFFSETS[1:]:
+        candidate = torch.round(pixels + offset).clamp_(0, 255)
         loss = losses(candidate)
-        if best is None or best_loss is None:
-            best, best_loss = candidate, loss
-        else:
-            better = loss < best_loss
-            best = torch.where(better[:, None, None, None], candidate, best)
-            best_loss = torch.minimum(loss, best_loss)
-    assert best is not None
+        best = torch.where((loss < best_loss)[:, None, None, None], candidate, best)
+        best_loss = torch.minimum(loss, best_loss)
     return best.contiguous()
+
+
+def _axes(rep: Representation, rows: int, cols: int, height: int, width: int) -> tuple[_Axis, _Axis]:
+    """The image's two axes cut into blocks, from the receptive fields of the code's rows and columns."""
+    row_boxes = [rep.receptive_field(r, 0, height, width) for r in range(rows)]
+    col_boxes = [rep.receptive_field(0, c, height, width) for c in range(cols)]
+    return (
+        _Axis.of([(box.top, box.bottom) for box in row_boxes], height),
+        _Axis.of([(box.left, box.right) for box in col_boxes], width),
+    )
 
 
 def _owners(owner_y: Tensor, owner_x: Tensor, blocks_x: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -198,10 +203,6 @@ def _owners(owner_y: Tensor, owner_x: Tensor, blocks_x: int, device: torch.devic
     owned = (owner_y[:, None] >= 0) & (owner_x[None] >= 0)
     index = (owner_y.clamp_min(0)[:, None] * blocks_x + owner_x.clamp_min(0)[None]).flatten()
     return index.to(device), owned.to(device)
-
-
-def _span(box: object, low: str, high: str) -> tuple[int, int]:
-    return getattr(box, low), getattr(box, high)
 
 
 def _rgb(images: Tensor) -> Tensor:
