@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
-    inv.add_argument("--rectifier-slope", type=non_negative_float, default=Settings.rectifier_slope,
-                     help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient)")
+    inv.add_argument("--rectifier-slope", type=non_negative_float,
+                     help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,
                      help="data term (‖Φ(x) − Φ0‖ / ‖Φ0‖)^P (default: 1 with adam, 2, the paper's squared form, with paper)")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay = commands.add_parser("layers", help="list a model's layers with code shapes and receptive fields")
     lay.add_argument("model")
     lay.add_argument("--size", type=positive_int, help="input size (default: the model's native size, or 224)")
-    lay.add_argument("--weights", default="random", help="weights used to build the model (shapes do not depend on them)")
+    lay.add_argument("--weights", help="CNN weights used to build the model (default random: shapes do not depend on them)")
 
     demo = commands.add_parser("demo", help="reconstruct a sample photo at six depths of the bundled model")
     demo.add_argument("--out", type=Path, default=Path("invviz-demo"), help="output folder")
@@ -230,6 +230,7 @@ def _invert_command(args: argparse.Namespace) -> None:
     if gallery and args.restarts > 1:
         raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
     rep = _representation(args)
+    _check_applicable(args, rep)
     image = load_image(args.image, args.size or rep.native_size)
     if args.jitter >= max(image.shape[1:]):
         raise UsageError(f"--jitter must be smaller than the image ({image.shape[2]}×{image.shape[1]}), got {args.jitter}")
@@ -245,7 +246,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         alpha=args.alpha,
         jitter=args.jitter,
         seed=args.seed,
-        rectifier_slope=args.rectifier_slope,
+        rectifier_slope=Settings.rectifier_slope if args.rectifier_slope is None else args.rectifier_slope,
         feature_power=args.feature_power,
         start_noise=args.start_noise,
         flat_regions=args.flat_regions,
@@ -274,6 +275,21 @@ def _invert_command(args: argparse.Namespace) -> None:
         print(f"diversity (mean pairwise RMS pixel distance): {extra['diversity']:.4f}")
     _write_receptive_fields(args, rep, image, result.images)
     _report(result, files, args.metrics, extra)
+
+
+def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
+    """Refuse options that would do nothing for this representation, rather than ignore them."""
+    if args.rectifier_slope is not None and not rep.ends_in_rectifier:
+        raise UsageError(
+            f"--rectifier-slope applies to codes that end in a rectifier (e.g. efficientnet_lite0:stem "
+            f"or :head, alexnet:relu5); {rep.spec} does not"
+        )
+    if not args.flat_regions and not rep.zero_means_flat:
+        raise UsageError(f"--no-flat-regions applies to hog, hogb and dsift only, not {rep.spec}")
+    if args.polish and not rep.is_spatial:
+        raise UsageError(f"--polish needs a spatial code; {rep.spec} is a vector")
+    if args.tv_chroma is not None and rep.grayscale:
+        raise UsageError(f"--tv-chroma weighs colour, and {rep.spec} reconstructs grey images")
 
 
 def _gallery_command(
@@ -352,7 +368,10 @@ def _models_command(args: argparse.Namespace) -> None:
 def _layers_command(args: argparse.Namespace) -> None:
     _check_sizes(args)
     layers = model_layers(args.model)
-    options = {"weights": args.weights} if "weights" in model_options(args.model) else {}
+    takes_weights = "weights" in model_options(args.model)
+    if args.weights is not None and not takes_weights:
+        raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
+    options = {"weights": args.weights or "random"} if takes_weights else {}
     size = args.size or representation(args.model, layer=layers[0], **options).native_size or 224
     print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
     reps = [representation(args.model, layer=layer, **options) for layer in layers]

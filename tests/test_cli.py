@@ -189,6 +189,11 @@ BAD_INPUTS = {
     "weights directory": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", _directory(t / "w")], "is a directory"),
     "demo into a file": (lambda t, p: ["demo", "--out", p], "is a file"),
     "negative window": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--window", "-1,0,2,2"], "non-negative"),
+    "rectifier slope without a rectifier": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--rectifier-slope", "0.5"], "end in a rectifier"),
+    "flat regions off for a CNN": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--no-flat-regions"], "hog, hogb and dsift only"),
+    "polishing a vector code": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:logits", "--out", t / "o.png", "--polish", "5"], "spatial code"),
+    "colour TV for a grey code": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--tv-chroma", "1"], "grey images"),
+    "weights for a model without": (lambda t, p: ["layers", "hog", "--weights", "random"], "has no weights"),
     "jitter beyond the image": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--jitter", "1000000"], "--jitter"),
 }
 

@@ -31,6 +31,10 @@ class TinyNet(Representation):
         chain = [Window(3, 1, 1), Window(3, 2, 0)]
         return chain[: 1 if self.layer in ("conv1", "relu1") else 2]
 
+    @property
+    def ends_in_rectifier(self) -> bool:
+        return self.layer == "relu1"
+
     def pre_rectifier(self, images: Tensor) -> tuple[Tensor, float, float] | None:
         return (self.conv1(images * 2 - 1), 0.0, math.inf) if self.layer == "relu1" else None
 

@@ -101,6 +101,12 @@ class Representation(nn.Module):
         """
         return None
 
+    @property
+    def ends_in_rectifier(self) -> bool:
+        """Whether the code ends in an elementwise clamp that ``pre_rectifier`` undoes (so that
+        ``Settings.rectifier_slope`` applies to it); ``False`` by default."""
+        return False
+
     def input_layout(self, height: int, width: int) -> InputLayout | None:
         """How ``forward`` prepares ``height × width`` images for the network, for an engine that
         writes that input itself (the CPU engine does it in the same pass that composes the image,

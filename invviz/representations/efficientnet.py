@@ -326,11 +326,18 @@ class EfficientNetLite0(Representation):
         """
         return HEAD_TV_WEIGHT if self.layer == "head" else super().default_tv_weight()
 
+    @property
+    def ends_in_rectifier(self) -> bool:
+        """``stem`` and ``head`` end in ReLU6."""
+        last = self.stages[-1]
+        return isinstance(last, ConvBN) and last.relu
+
     def pre_rectifier(self, images: Tensor, *, prepared: bool = False) -> tuple[Tensor, float, float] | None:
         """For ``stem`` and ``head``, whose codes end in ReLU6: the code before it, with (0, 6)."""
-        last = self.stages[-1]
-        if not (isinstance(last, ConvBN) and last.relu):
+        if not self.ends_in_rectifier:
             return None
+        last = self.stages[-1]
+        assert isinstance(last, ConvBN)
         if len(self.stages) == 1:  # the stem itself
             pre = last(images if prepared else channels_last_on_cpu(images * 2 - 1), padded=prepared, relu=False)
         else:

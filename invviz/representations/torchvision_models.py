@@ -246,11 +246,16 @@ class CaffeStyleNet(_TorchvisionRepresentation):
         code: torch.Tensor = self.net(prepared)
         return code
 
+    @property
+    def ends_in_rectifier(self) -> bool:
+        """The ``relu*`` layers."""
+        return isinstance(self.net[-1], nn.ReLU)
+
     def pre_rectifier(
         self, images: torch.Tensor, *, prepared: bool = False
     ) -> tuple[torch.Tensor, float, float] | None:
         """For the ``relu*`` layers: the code before that ReLU, with its bounds (0, ∞)."""
-        if not isinstance(self.net[-1], nn.ReLU):
+        if not self.ends_in_rectifier:
             return None
         if prepared:
             return self.net[:-1](images), 0.0, math.inf
