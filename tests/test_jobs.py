@@ -231,3 +231,30 @@ def test_many_rapid_requests(image: Tensor) -> None:
     assert all(job.state in ("done", "cancelled") for job in jobs)
     assert all(job.state == "cancelled" for job in jobs[::3])
     assert resident_memory() - memory < 200 * 2**20
+
+
+def test_the_eta_counts_polishing_rounds_at_their_own_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 steps of 1 s, then 20 polishing rounds: the rounds are priced at ``ROUND_COST`` steps
+    until timed, the first round's set-up is not taken for a round's cost, then rounds cost what
+    they measure (the old estimate, elapsed / step × what is left, said 20 s after the steps)."""
+    from invviz.engine import jobs
+
+    clock = [0.0]
+    monkeypatch.setattr(jobs.time, "perf_counter", lambda: clock[0])
+    job = Job(lambda reporter: InversionResult(torch.zeros(1, 3, 2, 2), [], {}, Settings(), 0.0, 0), None)
+    reporter = Reporter(job, max_rate=10.0)
+    images = torch.zeros(1, 3, 2, 2)
+
+    def event(number: int, seconds: float, polishing: bool) -> float | None:
+        clock[0] += seconds
+        reporter.step(Step(number, 30, {}, [0.5], images, clock[0], polishing=polishing, rounds=20))
+        assert job.progress is not None
+        return job.progress.eta
+
+    etas = [event(number, 1.0, False) for number in range(1, 11)]
+    assert etas[0] == pytest.approx(9 + 20 * jobs.ROUND_COST)
+    assert etas[-1] == pytest.approx(20 * jobs.ROUND_COST)
+    assert event(11, 5.0, True) == pytest.approx(19 * jobs.ROUND_COST)  # set-up: not a round's cost
+    assert event(12, 0.25, True) == pytest.approx(18 * 0.25)
+    assert event(13, 0.75, True) == pytest.approx(17 * 0.5)
+    assert event(30, 0.5, True) == 0

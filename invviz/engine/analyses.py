@@ -230,7 +230,7 @@ def channel_gallery(
         def chunk_step(step: Step, tiles: list[int] = tiles, offset: int = offset) -> None:
             assert on_step is not None
             total = len(chunks) * per_tile
-            on_step(replace(step, step=offset + step.step, total=total), tiles)
+            on_step(replace(step, step=offset + step.step, total=total, rounds=len(chunks) * step.rounds), tiles)
 
         try:
             result = invert(

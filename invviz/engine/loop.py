@@ -218,8 +218,9 @@ UNJITTERED_FRACTION = 0.2
 class Step:
     """What ``on_step`` receives after each step. ``images`` is the live tensor: copy to keep it.
 
-    ``total`` counts the steps and the polishing rounds after them (``Settings.polish``); a
-    polishing round has ``polishing`` set and no ``terms``, only the ``feature_error``.
+    ``total`` counts the steps and the polishing rounds after them (``Settings.polish``), of
+    which there are ``rounds``; a polishing round has ``polishing`` set and no ``terms``, only the
+    ``feature_error``.
     """
 
     step: int
@@ -229,6 +230,7 @@ class Step:
     images: Tensor
     seconds: float
     polishing: bool = False
+    rounds: int = 0
 
 
 @dataclass
@@ -702,6 +704,7 @@ def invert(
                     feature_error=feature_errors(values),
                     images=last_good,
                     seconds=time.perf_counter() - began,
+                    rounds=polish_rounds,
                 )
             )
     with torch.no_grad():
@@ -712,7 +715,7 @@ def invert(
         def on_round(done: int, polishing: Tensor, errors: list[float]) -> bool:
             if on_step is not None:
                 seconds = time.perf_counter() - began
-                on_step(Step(steps + done, total, {}, errors, polishing, seconds, polishing=True))
+                on_step(Step(steps + done, total, {}, errors, polishing, seconds, polishing=True, rounds=polish_rounds))
             return stop is not None and stop.is_set()
 
         frozen = None if flat is None else (flat.ids > 0).view(-1, height, width)
