@@ -15,6 +15,7 @@ from typing import Any
 import nbformat
 import numpy as np
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from invviz.widgets import ChannelGallery, Explorer, NeuronPicker, RestartsView
@@ -291,3 +292,17 @@ def test_notebook_runs(tmp_path: Path) -> None:
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.get("output_type") == "error"]
     assert any("application/vnd.jupyter.widget-view+json" in output.get("data", {}) for output in outputs)
+
+
+def test_the_status_line_shows_the_time_left_while_running() -> None:
+    from invviz.engine.jobs import Progress, Snapshot
+    from invviz.widgets._base import progress_line
+
+    def line(step: int, eta: float | None, final: bool = False, polishing: bool = False) -> str:
+        progress = Progress(step, 200, {}, 0.25, eta, 1.0, polishing=polishing)
+        return progress_line(Snapshot(progress, torch.zeros(1, 3, 2, 2), final))
+
+    assert line(40, 12.4) == "step 40/200 · feature error 0.250 · 12 s left"
+    assert line(40, 600.0).endswith("· 10 min left")
+    assert line(150, 3.0, polishing=True).startswith("polishing 150/200")
+    assert line(40, None) == line(200, 0.0, final=True).replace("200/200", "40/200") == "step 40/200 · feature error 0.250"

@@ -416,7 +416,11 @@ def _escape(text: str) -> str:
 
 
 def progress_line(snapshot: Snapshot) -> str:
-    """``"step 40/200 · feature error 0.312"`` (``"polishing 1020/1400 · …"`` after the steps)."""
+    """``"step 40/200 · feature error 0.312 · 6 s left"`` (``"polishing 1020/1400 · …"`` after the
+    steps); the time left is the job's ETA, shown while the job runs."""
     progress = snapshot.progress
     error = f" · feature error {progress.feature_error:.3f}" if math.isfinite(progress.feature_error) else ""
-    return f"{'polishing' if progress.polishing else 'step'} {progress.step}/{progress.total}{error}"
+    left = ""
+    if progress.eta is not None and not snapshot.final and progress.step < progress.total:
+        left = f" · {progress.eta:.0f} s left" if progress.eta < 90 else f" · {progress.eta / 60:.0f} min left"
+    return f"{'polishing' if progress.polishing else 'step'} {progress.step}/{progress.total}{error}{left}"
