@@ -14,7 +14,7 @@ from PIL import Image
 from support import gradient_support
 from torch import Tensor, nn
 
-from invviz import representation
+from invviz import Settings, representation
 from invviz.images import load_image
 from invviz.representations._base import channels_last_on_cpu
 from invviz.representations.efficientnet import ConvBN, EfficientNetLite0, SameConv2d, imagenet_weights_path
@@ -279,3 +279,20 @@ def test_the_prepared_input_gives_the_same_code_and_gradient(layer: str, size: t
     assert (plain is None) == (layer not in ("stem", "head"))
     if plain is not None and prepared is not None:
         assert torch.equal(plain[0], prepared[0].contiguous()) and plain[1:] == prepared[1:]
+
+
+def test_the_deepest_layers_resolve_to_slower_adam_rates() -> None:
+    """0.02 from stride 32 on, 0.015 at head, the engine's rate elsewhere and with the paper's
+    optimizer or an explicit rate (EfficientNetLite0.default_adam_lr)."""
+    from invviz.engine.loop import ADAM_LR, PAPER_LR
+    from invviz.representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR
+
+    rates = {layer: Settings().resolved(EfficientNetLite0(layer, weights="random")).lr for layer in EfficientNetLite0.layers}
+    deep = {f"blocks.{i}" for i in range(11, 16)}
+    assert all(rates[layer] == DEEP_ADAM_LR for layer in deep) and rates["head"] == HEAD_ADAM_LR
+    assert all(rate == ADAM_LR for layer, rate in rates.items() if layer not in {*deep, "head"})
+    head = EfficientNetLite0("head", weights="random")
+    assert Settings(optimizer="paper").resolved(head).lr == PAPER_LR
+    assert Settings(lr=0.05).resolved(head).lr == 0.05
+    assert [rep.ends_in_rectifier for rep in (head, EfficientNetLite0("stem", weights="random"))] == [True, True]
+    assert not EfficientNetLite0("blocks.4", weights="random").ends_in_rectifier
