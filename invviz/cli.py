@@ -29,11 +29,13 @@ from .engine.analyses import (
     restarts,
     window_mask,
 )
-from .engine.loop import OPTIMIZERS
+from .engine.loop import ADAM_LR, OPTIMIZERS, PAPER_LR
 from .images import image_grid, load_image, save_image
 from .representations import Representation, available_models, model_layers, model_options, representation
 from .representations._base import DEFAULT_ITERS
+from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
+from .representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR
 
 
 class UsageError(Exception):
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight, help=f"α-norm prior weight (default {Settings.alpha_weight:g})")
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
-    inv.add_argument("--lr", type=positive_float, help="learning rate (default: the optimizer's)")
+    inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {DEEP_ADAM_LR:g} for efficientnet_lite0 blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
     inv.add_argument("--rectifier-slope", type=non_negative_float,
                      help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,
