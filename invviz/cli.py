@@ -29,6 +29,7 @@ from .engine.analyses import (
     restarts,
     window_mask,
 )
+from .engine.jobs import TimeLeft, time_left_text
 from .engine.loop import ADAM_LR, OPTIMIZERS, PAPER_LR
 from .images import image_grid, load_image, save_image
 from .representations import Representation, available_models, model_layers, model_options, representation
@@ -194,10 +195,13 @@ class ProgressBar:
         self.enabled = enabled
         self.live = sys.stderr.isatty()
         self._last = 0.0
+        self._time_left = TimeLeft(time.perf_counter())
+        self._drawn = 0  # length of the line on screen
 
     def __call__(self, step: Step) -> None:
         finished = step.step == step.total
-        now = time.monotonic()
+        now = time.perf_counter()
+        left = self._time_left(step, now)  # sees every step, drawn or not
         if not self.enabled or (not finished and (not self.live or now - self._last < 0.1)):
             return
         self._last = now
@@ -205,8 +209,12 @@ class ProgressBar:
         filled = round(width * step.step / step.total)
         error = f" err {step.feature_error[0]:.3f}" if step.feature_error else ""
         phase = " polishing" if step.polishing else ""
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}{phase}"
-        sys.stderr.write(("\r" if self.live else "") + line + ("\n" if finished else ""))
+        eta = f" · {time_left_text(left)}" if left is not None and not finished else ""
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step.step}/{step.total}{error}{phase}{eta}"
+        # Spaces over what is left of a longer line drawn before.
+        padded = line.ljust(self._drawn) if self.live else line
+        self._drawn = len(line)
+        sys.stderr.write(("\r" if self.live else "") + padded + ("\n" if finished else ""))
         sys.stderr.flush()
 
 

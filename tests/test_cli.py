@@ -269,3 +269,31 @@ def test_demo_writes_a_captioned_grid_a_table_and_metrics(tmp_path, capsys) -> N
     for layer in layers:
         assert layer in stdout  # the printed table
     assert "3/3" in stderr  # the progress bar's finished line
+
+
+def test_the_live_progress_bar_shows_the_time_left_and_clears_longer_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from invviz import cli
+    from invviz.engine import Step
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    screen = io.StringIO()
+    monkeypatch.setattr(cli.sys, "stderr", screen)
+    bar = cli.ProgressBar("hog")
+    bar.live = True
+    images = torch.zeros(1, 3, 2, 2)
+    for number in range(1, 5):
+        clock[0] += 1.0  # 3 steps of 1 s, then polishing's set-up round
+        bar(Step(number, 6, {}, [0.25], images, clock[0], polishing=number > 3, rounds=3))
+    clock[0] += 0.5
+    bar(Step(5, 6, {}, [0.25], images, clock[0], polishing=True, rounds=3))
+    clock[0] += 0.5
+    bar(Step(6, 6, {}, [0.25], images, clock[0], polishing=True, rounds=3))
+    frames = screen.getvalue().split("\r")[1:]
+    assert frames[0].endswith("1/6 err 0.250 · 4 s left")  # 2 steps at 1 s, 3 rounds at ROUND_COST steps
+    assert frames[3].endswith("4/6 err 0.250 polishing · 1 s left")  # 2 rounds at 0.6 s each
+    assert frames[4].endswith("5/6 err 0.250 polishing · 0 s left")  # 1 round at 0.5 s
+    assert frames[-1].rstrip() == "hog [##############################] 6/6 err 0.250 polishing"
+    assert len(frames[-1]) == len(frames[-2]) + 1 and frames[-1].endswith(" \n"), "spaces over the longer line"

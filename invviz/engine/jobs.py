@@ -84,24 +84,19 @@ def _detached(images: Tensor) -> Tensor:
     return images.detach().to("cpu", torch.float32, copy=True).clamp_(0, 1)
 
 
-class Reporter:
-    """The worker-side half of a job: publishes progress and throttled snapshots, holds ``stop``."""
+class TimeLeft:
+    """Estimates the seconds a run has left from its ``Step`` s, seen one by one (``invert``'s
+    ``on_step``): the steps and polishing rounds still to come, each at its own measured cost (a
+    round, until one is timed, at ``ROUND_COST`` steps). The first round's time is not a round's:
+    it includes polishing's set-up (the choice of rounding offset)."""
 
-    def __init__(self, job: Job, max_rate: float) -> None:
-        self.job = job
-        self.stop = job._stop
-        self._interval = 1.0 / max_rate
-        self._began = time.perf_counter()
-        self._last_published: float | None = None
-        # Time and count of the steps and of the polishing rounds seen so far, for the ETA.
-        self._last_event = self._began
+    def __init__(self, began: float) -> None:
+        self._last_event = began
         self._spent = {False: 0.0, True: 0.0}
         self._seen = {False: 0, True: 0}
 
-    def _eta(self, step: Step, now: float) -> float | None:
-        """Seconds left: the steps and polishing rounds still to come, each at its own measured
-        cost (a round, until one is timed, at ``ROUND_COST`` steps). The first round's time is
-        not a round's: it includes polishing's set-up (the choice of rounding offset)."""
+    def __call__(self, step: Step, now: float) -> float | None:
+        """Seconds left after ``step``, seen at ``now`` (``time.perf_counter``); ``None`` if unknown."""
         setting_up = step.polishing and not self._seen[True]
         self._spent[step.polishing] += 0.0 if setting_up else now - self._last_event
         self._seen[step.polishing] += 1
@@ -118,6 +113,25 @@ class Reporter:
         steps_left = left - rounds_left
         return steps_left * per_step + rounds_left * per_round
 
+
+def time_left_text(seconds: float | None) -> str:
+    """``"12 s left"``, ``"3 min left"`` (from 90 s on); ``""`` when unknown."""
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s left" if seconds < 90 else f"{seconds / 60:.0f} min left"
+
+
+class Reporter:
+    """The worker-side half of a job: publishes progress and throttled snapshots, holds ``stop``."""
+
+    def __init__(self, job: Job, max_rate: float) -> None:
+        self.job = job
+        self.stop = job._stop
+        self._interval = 1.0 / max_rate
+        self._began = time.perf_counter()
+        self._last_published: float | None = None
+        self._time_left = TimeLeft(self._began)
+
     def step(self, step: Step, tiles: list[int] | None = None) -> None:
         """Record ``step`` as the job's progress; publish a snapshot if the throttle allows.
 
@@ -130,7 +144,7 @@ class Reporter:
             total=step.total,
             terms={name: _mean(values) for name, values in step.terms.items()},
             feature_error=_mean(step.feature_error),
-            eta=self._eta(step, now),
+            eta=self._time_left(step, now),
             elapsed=elapsed,
             polishing=step.polishing,
         )

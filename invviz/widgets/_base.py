@@ -23,7 +23,7 @@ import torch
 import traitlets
 
 from ..engine import release_idle_pool
-from ..engine.jobs import InversionEngine, Job, Reporter, Snapshot, TaskResult
+from ..engine.jobs import InversionEngine, Job, Reporter, Snapshot, TaskResult, time_left_text
 from ..images import SAMPLES, load_image, png_bytes, sample_image
 from ..representations import Representation, available_models, model_layers, representation
 from ._render import save_view
@@ -420,7 +420,6 @@ def progress_line(snapshot: Snapshot) -> str:
     steps); the time left is the job's ETA, shown while the job runs."""
     progress = snapshot.progress
     error = f" · feature error {progress.feature_error:.3f}" if math.isfinite(progress.feature_error) else ""
-    left = ""
-    if progress.eta is not None and not snapshot.final and progress.step < progress.total:
-        left = f" · {progress.eta:.0f} s left" if progress.eta < 90 else f" · {progress.eta / 60:.0f} min left"
+    running = not snapshot.final and progress.step < progress.total
+    left = f" · {time_left_text(progress.eta)}" if running and progress.eta is not None else ""
     return f"{'polishing' if progress.polishing else 'step'} {progress.step}/{progress.total}{error}{left}"
