@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 #: Bundled sample photos (see ``invviz/data/SOURCES.md``).
@@ -39,13 +39,19 @@ def _open(source: str | Path | bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream) as image:
                 image.load()
-                return _to_rgb(image)
+                # Photos from phones and cameras store their pixels sideways with an EXIF tag
+                # saying how to turn them; show them as any viewer does (a loaded copy).
+                upright = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
         raise ValueError(f"{label} is not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
         raise ValueError(f"{label} is too large to decode safely: {str(error).split(',')[0]}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot decode {label} (truncated or corrupt?): {error}") from None
+    try:
+        return _to_rgb(upright)
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -55,6 +61,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image.convert("RGB")
     values = np.asarray(image, dtype=np.float64)
+    _check_finite(values)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
         span = (0.0, 65535.0)
@@ -64,6 +71,44 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         span = (low, high if high > low else low + 1.0)
     scaled = np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0)
     return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8)).convert("RGB")
+
+
+def _check_finite(values: np.ndarray) -> None:
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ValueError(f"the image has {bad} pixel value(s) that are NaN or infinite")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """An ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array as 8-bit RGB: uint8 as is,
+    other types scaled as ``_to_rgb`` scales one-channel files (16-bit by 0-65535, floats in [0, 1]
+    as they are, anything else by its range)."""
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        channels = array.shape[2]
+    elif array.ndim == 2:
+        channels = 1
+    else:
+        raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"the image array is empty: {array.shape}")
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"an image array must hold integers or floats, got {array.dtype}")
+    if array.dtype == np.uint8:
+        pixels = array if channels != 1 else array[..., 0] if array.ndim == 3 else array
+        return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+    values = array.astype(np.float64)[..., :3]
+    _check_finite(values)
+    low, high = float(values.min()), float(values.max())
+    if array.dtype == np.uint16 or (np.issubdtype(array.dtype, np.integer) and 255 < high <= 65535 and low >= 0):
+        span = (0.0, 65535.0)
+    elif low >= 0 and high <= (1.0 if np.issubdtype(array.dtype, np.floating) else 255.0):
+        span = (0.0, 1.0 if np.issubdtype(array.dtype, np.floating) else 255.0)
+    else:
+        span = (low, high if high > low else low + 1.0)
+    scaled = np.rint(np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
+    if scaled.ndim == 3 and scaled.shape[2] == 1:
+        scaled = scaled[..., 0]
+    return Image.fromarray(np.ascontiguousarray(scaled)).convert("RGB")
 
 
 #: Widest aspect ratio resized whole; a longer image is first cut to this ratio around its centre
@@ -104,13 +149,15 @@ def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
 def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int | None = None) -> Tensor:
     """Load an image as ``(3, H, W)`` in [0, 1], optionally resized and centre-cropped to ``size``.
 
-    ``source``: a path, encoded bytes, a PIL image or an ``(H, W, 3)`` uint8 array. Bad input raises
-    one ``ValueError`` line (missing, empty, truncated or non-image files).
+    ``source``: a path, encoded bytes, a PIL image or an ``(H, W[, C])`` array (uint8 as is; 16-bit,
+    other integer and float arrays scaled as one-channel image files are). Bad input raises one
+    ``ValueError`` line (missing, empty, truncated or non-image files, NaN or infinite pixels).
     """
-    if size is not None and (not isinstance(size, int) or size < 1):
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
         raise ValueError(f"size must be a positive integer, got {size!r}")
+    size = None if size is None else int(size)
     if isinstance(source, np.ndarray):
-        image = Image.fromarray(source)
+        image = _from_array(source)
     elif isinstance(source, Image.Image):
         image = _to_rgb(source)
     else:
@@ -149,7 +196,13 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def save_image(image: Tensor, path: str | Path) -> None:
-    """Write ``(3, H, W)`` in [0, 1] as an 8-bit RGB image (format from the file extension)."""
+    """Write ``(3, H, W)`` (or ``(1, H, W)``) in [0, 1] as an 8-bit RGB image (format from the file
+    extension); values outside [0, 1] are clipped, NaN or infinite ones refused."""
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"save_image takes a (3, H, W) or (1, H, W) tensor, got {shape}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("the image to save has NaN or infinite values")
     to_pil(image).save(path)
 
 

@@ -265,12 +265,43 @@ def test_settings_reject_bad_values(kwargs, fragment) -> None:
 
 def test_bad_calls(photo) -> None:
     rep = representation("tiny:conv1")
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="≥ 1"):
         invert(rep, photo, batch=0)
+    with pytest.raises(ValueError, match="integer"):
+        invert(rep, photo, batch=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         invert(rep, photo[None])
     with pytest.raises(ValueError, match="device"):
         invert(rep, photo, device="tpu")
+
+
+def test_bad_images_targets_and_arguments_get_one_clear_error(photo) -> None:
+    """Not a DivergenceError, a raw torch error or a silently wrong result."""
+    rep = representation("tiny:conv1")
+    code = rep(photo[None])[0].detach()
+    size = tuple(photo.shape[1:])
+    nan = photo.clone()
+    nan[0, 0, 0] = float("nan")
+    cases = [
+        ({"image": (photo * 255).to(torch.uint8)}, "floating point"),
+        ({"image": photo * 255}, r"in \[0, 1\], got 0.* to 2"),
+        ({"image": nan}, "NaN"),
+        ({"image": photo.numpy()}, "torch tensor"),
+        ({"image": photo[:, :0]}, r"\(3, H, W\)"),
+        ({"target": code, "size": (size[0] + 4, size[1])}, "does not fit"),
+        ({"target": code[:2], "size": size}, "does not fit"),
+        ({"target": torch.zeros_like(code), "size": size}, "all zero"),
+        ({"target": code * float("inf"), "size": size}, "NaN or infinite"),
+        ({"target": code, "size": (-1, 16)}, "two positive integers"),
+        ({"target": code, "size": size, "mask": torch.zeros_like(code).bool().index_fill_(0, torch.tensor([0]), True) & (code == 0)}, "all zero in the mask|selects no"),
+        ({"image": photo, "settings": {"iters": 2}}, "Settings"),
+        ({"image": photo, "init": torch.full((1, 3, *size), float("nan"))}, "init"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            invert(rep, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        match(rep, code) * float("nan")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

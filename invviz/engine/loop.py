@@ -563,6 +563,33 @@ def _native_stepper(
     return take_step
 
 
+def _check_image(image: object) -> None:
+    """``ValueError`` unless ``image`` is a float ``(3, H, W)`` tensor of finite values in [0, 1]."""
+    if not isinstance(image, Tensor):
+        hint = " (invviz.load_image makes one from a file or an array)"
+        raise ValueError(f"image must be a torch tensor (3, H, W) in [0, 1], got {type(image).__name__}{hint}")  # noqa: TRY004
+    if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be floating point with values in [0, 1], got {image.dtype} (divide 8-bit pixels by 255)")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image has NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"image values must be in [0, 1], got {low:g} to {high:g}")
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    """``(H, W)`` as positive integers, else a ``ValueError``."""
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
+    ):
+        raise ValueError(f"size must be (height, width) in pixels, two positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def _tv_factor(settings: Settings, step: int) -> float:
     """``tv_start`` at step 0, falling geometrically to 1 at the last step."""
     assert settings.iters is not None
@@ -598,13 +625,14 @@ def invert(
     - ``on_step`` is called after every step; ``stop.is_set()`` ends the run early (``stopped``).
     """
     settings = settings or Settings()
-    if batch < 1:
-        raise ValueError(f"batch (number of restarts) must be at least 1, got {batch}")
+    if not isinstance(settings, Settings):
+        raise ValueError(f"settings must be an invviz.Settings, got {type(settings).__name__}")  # noqa: TRY004
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch (number of restarts) must be an integer ≥ 1, got {batch!r}")
     dev = resolve_device(device)
     rep = rep.to(dev)
     if image is not None:
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+        _check_image(image)
         height, width = image.shape[1:]
         if target is None:
             with torch.no_grad():
@@ -612,16 +640,35 @@ def invert(
     elif target is None or size is None:
         raise ValueError("give an image, or a target code together with the image size")
     else:
-        height, width = size
+        height, width = _check_size(size)
+    if not isinstance(target, Tensor) or not (target.is_floating_point() or target.dtype == torch.bool):
+        kind = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target must be a floating-point tensor (a code), got {kind}")
     target = target.to(dev, torch.float32)
     # A code is (C, H', W') or (D,): add the batch dimension if the target lacks it.
     if target.dim() == (3 if rep.is_spatial else 1):
         target = target[None]
     code_shape = tuple(target.shape[1:])
+    if image is None and code_shape != tuple(rep.code_shape(height, width)):
+        raise ValueError(
+            f"target code {tuple(target.shape)} does not fit {rep.spec} at {height}×{width}: "
+            f"its code is {tuple(rep.code_shape(height, width))}"
+        )
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("the target code has NaN or infinite entries")
     if mask is not None:
         # (C, H, W) or (H, W) masks are the user's; (B, C, H, W) ones come from batched analyses.
         mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
         mask = mask.to(dev, torch.bool)
+    selected = target if mask is None else target * mask
+    if not bool(selected.flatten(1).ne(0).any(1).all()):
+        where = " in the mask" if mask is not None else ""
+        raise ValueError(
+            f"the target code is all zero{where}: nothing to match (the error is relative to its size); "
+            "e.g. a flat image's HOG or SIFT, or a layer whose units are all off at this image size"
+        )
+    if init is not None and (not isinstance(init, Tensor) or not bool(torch.isfinite(init).all())):
+        raise ValueError("init must be a tensor of finite values")
     explicit_noise = settings.start_noise is not None
     settings = settings.resolved(rep)
     per_row_mask = mask is not None and mask.dim() > len(code_shape) and mask.shape[0] > 1

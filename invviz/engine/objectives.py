@@ -91,6 +91,10 @@ class Objective:
         return Objective(self.terms + other.terms)
 
     def __mul__(self, weight: float) -> Objective:
+        if isinstance(weight, bool) or not hasattr(weight, "__float__"):
+            return NotImplemented
+        if not math.isfinite(float(weight)):
+            raise ValueError(f"an objective's weight must be a finite number, got {weight!r}")
         return Objective(tuple((name, w * float(weight), fn) for name, w, fn in self.terms))
 
     __rmul__ = __mul__
