@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from .engine import DivergenceError, InversionResult, Settings, Step
+from .engine import DivergenceError, InversionResult, Settings, Step, resolve_device
 from .engine.analyses import (
     channel_gallery,
     channel_mask,
@@ -32,7 +32,14 @@ from .engine.analyses import (
 from .engine.jobs import TimeLeft, time_left_text
 from .engine.loop import ADAM_LR, OPTIMIZERS, PAPER_LR
 from .images import image_grid, load_image, save_image
-from .representations import Representation, available_models, model_layers, model_options, representation
+from .representations import (
+    Representation,
+    available_models,
+    every_layer,
+    model_layers,
+    model_options,
+    representation,
+)
 from .representations._base import DEFAULT_ITERS
 from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
@@ -70,6 +77,8 @@ positive_float = _number(float, minimum=0, strictly=True)
 non_negative_float = _number(float, minimum=0)
 #: Largest --size and --restarts: beyond, one inversion's buffers outgrow a workstation's memory.
 MAX_SIZE, MAX_RESTARTS = 4096, 256
+#: Largest --iters: a 224² Lite0 head inversion of that many steps takes about a day on a CPU.
+MAX_ITERS = 1_000_000
 
 
 def code_window(text: str) -> tuple[int, int, int, int]:
@@ -90,6 +99,8 @@ def _add_rep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=positive_int, help="resize (shorter side) and centre-crop to N×N; default: the model's native size")
     parser.add_argument("--weights", help="CNN weights: imagenet (default), random, or a state-dict file")
     parser.add_argument("--cell-size", type=positive_int, help="HOG cell size in pixels (default 8)")
+    parser.add_argument("--truncation-slope", type=non_negative_float,
+                        help="hog/hogb: gradient let through HOG's 0.2 truncation towards the inside, 0 to 1 (default 0.7; 0: the true gradient)")
     parser.add_argument("--bin-size", type=positive_int, help="dense SIFT bin size in pixels (default 5)")
     parser.add_argument("--step", type=positive_int, help="dense SIFT step in pixels (default 5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _representation(args: argparse.Namespace) -> Representation:
     options = {
         name: getattr(args, name)
-        for name in ("weights", "cell_size", "bin_size", "step")
+        for name in ("weights", "cell_size", "truncation_slope", "bin_size", "step")
         if getattr(args, name, None) is not None
     }
     return representation(args.rep, **options)
@@ -177,11 +188,23 @@ def _check_output(path: Path, suffixes: tuple[str, ...] = (), option: str = "--o
         raise UsageError(f"{option}: {path} is not writable")
 
 
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether writing ``path`` would overwrite ``other`` (the same path, a link or a hard link)."""
+    if path.resolve() == other.resolve():
+        return True
+    try:
+        return path.exists() and other.exists() and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
     if getattr(args, "size", None) is not None and args.size > MAX_SIZE:
         raise UsageError(f"--size must be at most {MAX_SIZE}, got {args.size}")
     if getattr(args, "restarts", 1) > MAX_RESTARTS:
         raise UsageError(f"--restarts must be at most {MAX_RESTARTS}, got {args.restarts}")
+    if (getattr(args, "iters", None) or 0) > MAX_ITERS:
+        raise UsageError(f"--iters must be at most {MAX_ITERS:,}, got {args.iters}")
 
 
 class ProgressBar:
@@ -231,9 +254,8 @@ def _invert_command(args: argparse.Namespace) -> None:
         _check_output(args.metrics, option="--metrics")
         if args.metrics.resolve() in {path.resolve() for path in outputs}:
             raise UsageError(f"--metrics {args.metrics} would overwrite an image this run writes")
-    source = Path(args.image).resolve()
     for path in [*outputs, *([args.metrics] if args.metrics is not None else [])]:
-        if path.resolve() == source:
+        if _same_file(path, Path(args.image)):
             raise UsageError(f"{path} is the input image: choose another --out / --metrics, it would be overwritten")
     if args.channels_together and args.channels is None:
         raise UsageError("--channels-together needs --channels")
@@ -359,10 +381,11 @@ def _features_command(args: argparse.Namespace) -> None:
     _check_output(args.out, (".npy",))
     _check_sizes(args)
     rep = _representation(args)
+    device = resolve_device(args.device)
     image = load_image(args.image, args.size or rep.native_size)
     rep.code_shape(*image.shape[1:])  # a clear error if the layer cannot take an image this small
     with torch.no_grad():
-        code = rep(image[None])[0]
+        code = rep.to(device)(image[None].to(device))[0]
     with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to "F.NPY"
         np.save(file, code.float().cpu().numpy().astype(np.float32))
     print(f"{args.out}: {rep.spec} code of shape {tuple(code.shape)}")
@@ -382,19 +405,30 @@ def _layers_command(args: argparse.Namespace) -> None:
     if args.weights is not None and not takes_weights:
         raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
     options = {"weights": args.weights or "random"} if takes_weights else {}
-    size = args.size or representation(args.model, layer=layers[0], **options).native_size or 224
+    from .representations.torchvision_models import LayerNotRun
+
+    reps = list(every_layer(args.model, **options))  # one network, shared
+    size = args.size or reps[0].native_size or 224
+    rows = []  # all computed before the table starts, so that an error comes alone
+    for layer, rep in zip(layers, reps):
+        try:
+            rows.append((layer, *_layer_row(rep, size)))
+        except LayerNotRun:
+            rows.append((layer, "-", "does not run in inference", ""))
     print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
-    reps = [representation(args.model, layer=layer, **options) for layer in layers]
-    shapes = [rep.code_shape(size, size) for rep in reps]  # all checked before the table starts
-    for layer, rep, code_shape in zip(layers, reps, shapes):
-        shape = "×".join(str(n) for n in code_shape)
-        if rep.is_spatial:
-            box = rep.receptive_field(0, 0, size, size, clip=False)
-            field = f"{box.height}×{box.width} px"
-            stride = str(rep.stride(size, size))
-        else:
-            field, stride = "whole image", "-"
-        print(f"{layer:<14} {shape:<18} {field:<16} {stride}")
+    for layer, shape, field, stride in rows:
+        print(f"{layer:<14} {shape:<18} {field:<16} {stride}".rstrip())
+
+
+def _layer_row(rep: Representation, size: int) -> tuple[str, str, str]:
+    """Code shape, receptive field and stride of ``rep`` at ``size × size``, as printed."""
+    code_shape = rep.code_shape(size, size)
+    shape = "×".join(str(n) for n in code_shape)
+    if not rep.is_spatial:
+        return shape, "whole image", "-"
+    # The centre cell: a corner cell's box is cut by the image where fields are measured.
+    box = rep.receptive_field(code_shape[1] // 2, code_shape[2] // 2, size, size, clip=False)
+    return shape, f"{box.height}×{box.width} px", str(rep.stride(size, size))
 
 
 def _attach_window_values(argv: list[str]) -> list[str]:
@@ -414,6 +448,12 @@ def _demo_command(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out} is a file; the demo writes a folder")
     if not os.access(next(p for p in (args.out, *args.out.parents) if p.exists()), os.W_OK):
         raise UsageError(f"--out {args.out} cannot be created or written")
+    if args.image is not None:
+        from .demo import DEMO_LAYERS, output_files
+
+        for path in output_files(args.out, DEMO_LAYERS):
+            if _same_file(path, Path(args.image)):
+                raise UsageError(f"the demo would overwrite its --image {args.image} with {path.name}; choose another --out")
     run_demo(args.out, iters=args.iters, image=args.image, device=args.device)
 
 

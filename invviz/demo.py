@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from torch import Tensor
 
 from .engine import InversionResult, Settings, invert, resolve_device
 from .images import load_image, roughness, sample_path, save_image, to_uint8
@@ -18,6 +19,20 @@ from .representations._base import DEFAULT_ITERS
 MODEL = "efficientnet_lite0"
 #: Six depths of EfficientNet-Lite0, from edges to object parts.
 DEMO_LAYERS = ("stem", "blocks.1", "blocks.4", "blocks.8", "blocks.12", "blocks.15")
+
+
+def output_files(out: Path, layers: tuple[str, ...] = DEMO_LAYERS) -> list[Path]:
+    """The files ``run_demo`` writes into ``out``: one PNG per layer, the grid and the metrics."""
+    return [*(_layer_file(out, layer) for layer in layers), out / "demo.png", out / "metrics.json"]
+
+
+def _layer_file(out: Path, layer: str) -> Path:
+    return out / f"{layer.replace('.', '_')}.png"
+
+
+def _roughness_ratio(image: Tensor, reference: float) -> float | None:
+    """Roughness of ``image`` over the original's; ``None`` for a flat original (no roughness)."""
+    return roughness(image) / reference if reference > 0 else None
 
 
 def run_demo(
@@ -47,13 +62,11 @@ def run_demo(
             rep, original, settings=Settings(iters=iters), device=device, on_step=ProgressBar(f"{layer:<10}", progress)
         )
         results[layer] = result
-        save_image(result.image, out / f"{layer.replace('.', '_')}.png")
+        save_image(result.image, _layer_file(out, layer))
         shape = "×".join(str(n) for n in rep.code_shape(224, 224))
-        print(
-            f"{layer:<10} {shape:<14} {result.feature_error[0]:>13.3f} "
-            f"{roughness(result.image) / reference_roughness:>9.2f}× {result.seconds:>8.1f}",
-            flush=True,
-        )
+        ratio = _roughness_ratio(result.image, reference_roughness)
+        rough = f"{ratio:>9.2f}×" if ratio is not None else f"{'-':>10}"
+        print(f"{layer:<10} {shape:<14} {result.feature_error[0]:>13.3f} {rough} {result.seconds:>8.1f}", flush=True)
     _grid(original, results, out / "demo.png")
     (out / "metrics.json").write_text(
         json.dumps(
@@ -63,10 +76,10 @@ def run_demo(
                 "seconds": sum(r.seconds for r in results.values()),
                 "results": [
                     {
-                        "file": str(out / f"{layer.replace('.', '_')}.png"),
+                        "file": str(_layer_file(out, layer)),
                         "layer": layer,
                         "feature_error": r.feature_error[0],
-                        "roughness_ratio": roughness(r.image) / reference_roughness,
+                        "roughness_ratio": _roughness_ratio(r.image, reference_roughness),
                         "seconds": r.seconds,
                     }
                     for layer, r in results.items()

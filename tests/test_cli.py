@@ -151,6 +151,18 @@ def _directory(path: Path) -> Path:
     return path
 
 
+def _float_tiff(path: Path, bad: float) -> Path:
+    values = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    values[3, 4] = bad
+    Image.fromarray(values, mode="F").save(path)
+    return path
+
+
+def _flat_png(path: Path) -> Path:
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(path)
+    return path
+
+
 BAD_INPUTS = {
     "missing file": (lambda t, p: ["invert", t / "nope.png", "--rep", "tiny:conv1", "--out", t / "o.png"], "not found"),
     "empty file": (lambda t, p: ["invert", (t / "e.png", (t / "e.png").write_bytes(b""))[0], "--rep", "tiny:conv1", "--out", t / "o.png"], "empty"),
@@ -194,6 +206,12 @@ BAD_INPUTS = {
     "polishing a vector code": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:logits", "--out", t / "o.png", "--polish", "5"], "spatial code"),
     "colour TV for a grey code": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--tv-chroma", "1"], "grey images"),
     "weights for a model without": (lambda t, p: ["layers", "hog", "--weights", "random"], "has no weights"),
+    "nan pixel in a float image": (lambda t, p: ["invert", _float_tiff(t / "nan.tiff", float("nan")), "--rep", "tiny:conv1", "--out", t / "o.png"], "NaN or infinite"),
+    "a flat image's hog": (lambda t, p: ["invert", _flat_png(t / "flat.png"), "--rep", "hog", "--out", t / "o.png"], "all zero"),
+    "features on an unknown device": (lambda t, p: ["features", p, "--rep", "tiny:conv1", "--out", t / "f.npy", "--device", "bogus"], "device"),
+    "huge iters": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--iters", "99999999999"], "at most"),
+    "empty weights name": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--weights", ""], "empty name"),
+    "truncation slope above 1": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--truncation-slope", "3"], "truncation_slope"),
     "jitter beyond the image": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--jitter", "1000000"], "--jitter"),
 }
 
@@ -297,3 +315,62 @@ def test_the_live_progress_bar_shows_the_time_left_and_clears_longer_lines(monke
     assert frames[4].endswith("5/6 err 0.250 polishing · 0 s left")  # 1 round at 0.5 s
     assert frames[-1].rstrip() == "hog [##############################] 6/6 err 0.250 polishing"
     assert len(frames[-1]) == len(frames[-2]) + 1 and frames[-1].endswith(" \n"), "spaces over the longer line"
+
+
+def test_no_output_may_overwrite_the_input_through_a_hard_link(tmp_path, photo, capsys) -> None:
+    link = tmp_path / "link.png"
+    os.link(photo, link)
+    before = photo.read_bytes()
+    code, _, err = run_cli(capsys, "invert", link, "--rep", "tiny:conv1", "--out", photo, "--iters", "2")
+    assert code == 2 and "input image" in err and photo.read_bytes() == before
+
+
+def test_the_demo_refuses_to_overwrite_its_image(tmp_path, capsys) -> None:
+    image = tmp_path / "blocks_4.png"
+    Image.new("RGB", (40, 40), (20, 90, 200)).save(image)
+    before = image.read_bytes()
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path, "--image", image, "--iters", "1")
+    assert code == 2 and "overwrite its --image" in err and image.read_bytes() == before
+
+
+def test_the_demo_takes_a_flat_image(tmp_path, capsys) -> None:
+    """Its roughness is 0: the ratio is shown as '-' and written as null, not a ZeroDivisionError."""
+    code, stdout, _ = run_cli(capsys, "demo", "--out", tmp_path / "d", "--image", _flat_png(tmp_path / "f.png"), "--iters", "1")
+    assert code == 0
+    record = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert [row["roughness_ratio"] for row in record["results"]] == [None] * 6
+    table = [line.split() for line in stdout.splitlines() if line.startswith(("stem ", "blocks."))]
+    assert len(table) == 6 and all(row[3] == "-" for row in table)
+
+
+def test_layers_measures_receptive_fields_at_the_centre_and_marks_layers_that_do_not_run(capsys) -> None:
+    """resnet18's fields are measured from the gradient: at a corner cell they were cut by the
+    image (conv1 read 4×4, maxpool 6×6); googlenet's auxiliary heads do not run in inference."""
+    code, stdout, _ = run_cli(capsys, "layers", "resnet18", "--size", "64")
+    rows = {line.split()[0]: line for line in stdout.splitlines()[1:]}
+    assert code == 0 and "7×7 px" in rows["conv1"] and "11×11 px" in rows["maxpool"]
+    code, stdout, _ = run_cli(capsys, "layers", "googlenet", "--size", "64")
+    rows = {line.split()[0]: line for line in stdout.splitlines()[1:]}
+    assert code == 0 and "does not run" in rows["aux1"] and "whole image" in rows["fc"]
+
+
+def test_images_load_upright_and_arrays_scale_like_files(tmp_path) -> None:
+    from invviz.images import load_image, save_image
+
+    sideways = Image.new("RGB", (80, 40), (200, 30, 30))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    sideways.save(tmp_path / "phone.jpg", exif=exif)
+    assert tuple(load_image(tmp_path / "phone.jpg").shape) == (3, 80, 40)
+    sixteen = load_image(np.full((4, 5), 32768, np.uint16))
+    assert abs(float(sixteen.mean()) - 128 / 255) < 1e-6, "16-bit arrays are scaled, not clipped"
+    floats = np.random.default_rng(0).random((6, 7, 3))
+    assert torch.allclose(load_image(floats), torch.from_numpy(np.rint(floats * 255) / 255).permute(2, 0, 1).float())
+    for bad, message in ((np.zeros((4, 4, 2)), r"\(H, W, 3\)"), (np.zeros((4, 4), bool), "integers or floats"),
+                         (np.full((4, 4), np.inf), "NaN or infinite")):
+        with pytest.raises(ValueError, match=message):
+            load_image(bad)
+    for bad, message in ((torch.zeros(4, 4), r"\(3, H, W\)"), (torch.full((3, 4, 4), float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=message):
+            save_image(bad, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

@@ -347,3 +347,17 @@ def test_pyramid_upsampling_is_torchs_bilinear_with_a_faster_adjoint() -> None:
     upsampled = F.interpolate(coarse, size=(24, 20), mode="bilinear", align_corners=False)
     torch.testing.assert_close(_Upsample.apply(coarse, 24, 20), upsampled)
     torch.testing.assert_close(mine, torch.autograd.grad(upsampled, coarse, grad)[0])
+
+
+def test_settings_take_numpy_numbers_as_plain_ones() -> None:
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    settings = Settings(lr=np.float32(0.5), iters=np.int64(7), tv_weight=np.float64(0.25))
+    assert (settings.lr, settings.iters, settings.tv_weight) == (0.5, 7, 0.25)
+    assert type(settings.lr) is float and type(settings.iters) is int
+    json.dumps(dataclasses.asdict(settings))  # the metrics stay JSON
+    with pytest.raises(ValueError, match="iters"):
+        Settings(iters=np.float32(3))

@@ -320,3 +320,21 @@ def test_the_prepared_input_gives_the_same_code(spec: str) -> None:
     assert (pre is None) == (plain is None) == (not spec.split(":")[1].startswith("relu"))
     if pre is not None and plain is not None:
         assert torch.allclose(pre[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_every_layer_shares_one_frozen_network() -> None:
+    """What `invviz layers` uses: one network built for all layers (VGG16: 53 s → 8 s), each
+    representation in eval mode with frozen parameters, as the factory makes them."""
+    from invviz.representations import every_layer, model_layers
+
+    reps = list(every_layer("alexnet", weights="random"))
+    assert [rep.layer for rep in reps] == list(model_layers("alexnet"))
+    assert all(not rep.training and not any(p.requires_grad for p in rep.parameters()) for rep in reps)
+    first_conv = [next(rep.parameters()).data_ptr() for rep in reps]
+    assert len(set(first_conv)) == 1, "conv1's weights are shared, not rebuilt per layer"
+    image = torch.rand(1, 3, 67, 67)
+    assert torch.equal(reps[model_layers("alexnet").index("relu2")](image), reps[model_layers("alexnet").index("conv2")](image).relu())
+    generic = list(every_layer("resnet18", weights="random"))
+    assert not generic[0].network.training and generic[0].network is generic[-1].network
+    with pytest.raises(ValueError, match="does not take"):
+        list(every_layer("alexnet", cell_size=3))

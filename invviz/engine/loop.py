@@ -7,9 +7,10 @@ stops when ``stop`` is set, returning what it has. Only the calling thread touch
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -135,6 +136,14 @@ class Settings:
     polish: int | None = None
 
     def __post_init__(self) -> None:
+        # numpy and other numbers as plain Python ones (values stay JSON-able in the metrics).
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, item.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                object.__setattr__(self, item.name, float(value))
+
         def finite(name: str, value: float | None, positive: bool = False) -> None:
             if value is None:
                 return

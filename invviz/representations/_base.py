@@ -248,6 +248,8 @@ class Representation(nn.Module):
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: a state dict, or a dict holding one under "state_dict"/"model"."""
+    if not str(path).strip():
+        raise ValueError("weights are 'imagenet', 'random' or a file's path, got an empty name")
     if Path(path).is_dir():
         raise ValueError(f"weights file {path} is a directory, not a checkpoint file")
     if not Path(path).is_file():

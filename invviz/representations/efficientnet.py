@@ -9,6 +9,7 @@ stages up to its layer, so a forward pass never computes more than the code need
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -214,7 +215,7 @@ def _upstream_names() -> dict[str, tuple[str, str]]:
     return names
 
 
-def _load_weights(stages: nn.ModuleList, path: Path) -> None:
+def _load_weights(stages: nn.ModuleList, path: str | os.PathLike[str]) -> None:
     """Fill ``stages`` (all of them) from a state dict file in ``efficientnet_lite_pytorch``'s key format."""
     state = load_state_dict_file(path)
     names = _upstream_names()
@@ -280,7 +281,7 @@ class EfficientNetLite0(Representation):
         if weights is None or weights == "imagenet":
             _load_weights(stages, imagenet_weights_path())
         elif weights != "random":
-            _load_weights(stages, Path(weights))  # a missing or bad file: one ValueError naming it
+            _load_weights(stages, weights)  # a missing or bad file: one ValueError naming it
         # Only the stages up to the layer are kept, so nothing past the code is ever computed.
         self.stages = stages[: self.layers.index(layer) + 1]
 

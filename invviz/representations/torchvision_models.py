@@ -133,10 +133,17 @@ class _TorchvisionRepresentation(Representation):
     mean: torch.Tensor
     std: torch.Tensor
 
+    torchvision_name: ClassVar[str]
+
     def __init__(self, layer: str) -> None:
         super().__init__(layer)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def build_network(cls, weights: WeightsSpec = None) -> nn.Module:
+        """The whole torchvision network with ``weights``, to share between layers (``_network``)."""
+        return build_network(cls.torchvision_name, weights)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] to the network's input: the statistics torchvision's ImageNet
@@ -215,7 +222,6 @@ class CaffeStyleNet(_TorchvisionRepresentation):
     Subclasses pass ``torchvision_name`` and ``per_block`` (VGG's block-wise numbering).
     """
 
-    torchvision_name: ClassVar[str]
     per_block: ClassVar[bool]
     #: jitter stride for the vector layers fc6 … fc8: the stride of pool5.
     pooled_stride: ClassVar[int] = 32
@@ -227,9 +233,12 @@ class CaffeStyleNet(_TorchvisionRepresentation):
         steps = _caffe_steps(_skeleton(torchvision_name), per_block)
         cls.layers = tuple(name for name, _ in steps if name is not None)
 
-    def __init__(self, layer: str, weights: WeightsSpec = None) -> None:
+    def __init__(self, layer: str, weights: WeightsSpec = None, *, _network: nn.Module | None = None) -> None:
+        """``_network``: a network from ``build_network`` to run (shared, not copied) instead of
+        building one with ``weights``."""
         super().__init__(layer)
-        steps = _caffe_steps(build_network(self.torchvision_name, weights), self.per_block)
+        network = _network if _network is not None else build_network(self.torchvision_name, weights)
+        steps = _caffe_steps(network, self.per_block)
         last = [n for n, _ in steps].index(layer)
         modules = [module for _, module in steps[: last + 1]]
         self.net = nn.Sequential(*modules)
@@ -276,6 +285,10 @@ class VGG16(CaffeStyleNet, torchvision_name="vgg16", per_block=True):
 
 
 # --- any torchvision classification model -------------------------------------------------------
+class LayerNotRun(ValueError):
+    """The chosen module is not run in inference (e.g. GoogLeNet's auxiliary heads)."""
+
+
 class _StopForward(Exception):
     """Raised by the capture hook so that nothing after the chosen module runs."""
 
@@ -290,8 +303,6 @@ class TorchvisionModel(_TorchvisionRepresentation):
     gradient, exact for the given input size.
     """
 
-    torchvision_name: ClassVar[str]
-
     def __init_subclass__(cls, torchvision_name: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.torchvision_name = cls.model = torchvision_name
@@ -299,9 +310,10 @@ class TorchvisionModel(_TorchvisionRepresentation):
         transforms = torchvision.models.get_model_weights(torchvision_name).DEFAULT.transforms()
         cls.native_size = int(getattr(transforms, "crop_size", [224])[0])
 
-    def __init__(self, layer: str, weights: WeightsSpec = None) -> None:
+    def __init__(self, layer: str, weights: WeightsSpec = None, *, _network: nn.Module | None = None) -> None:
+        """``_network``: as ``CaffeStyleNet``'s."""
         super().__init__(layer)
-        self.network: nn.Module = build_network(self.torchvision_name, weights)
+        self.network: nn.Module = _network if _network is not None else build_network(self.torchvision_name, weights)
         self._native_code_shape: tuple[int, ...] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -323,7 +335,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
         finally:
             handle.remove()
         if not captured:
-            raise ValueError(f"{self.spec} does not run when {self.model} classifies an image")
+            raise LayerNotRun(f"{self.spec} does not run when {self.model} classifies an image")
         if not isinstance(captured[0], torch.Tensor):
             raise ValueError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor; pick a layer with a tensor output")  # noqa: TRY004 (the user picked the layer)
         return captured[0]
