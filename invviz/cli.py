@@ -265,7 +265,7 @@ def _invert_command(args: argparse.Namespace) -> None:
     _check_applicable(args, rep)
     image = load_image(args.image, args.size or rep.native_size)
     if args.jitter >= max(image.shape[1:]):
-        raise UsageError(f"--jitter must be smaller than the image ({image.shape[2]}×{image.shape[1]}), got {args.jitter}")
+        raise UsageError(f"--jitter must be smaller than the image ({image.shape[1]}×{image.shape[2]}), got {args.jitter}")
     settings = Settings(
         iters=args.iters,
         optimizer=args.optimizer,

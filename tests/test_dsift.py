@@ -80,7 +80,7 @@ def test_bad_options(option: dict[str, object]) -> None:
 
 
 def test_image_smaller_than_a_window() -> None:
-    with pytest.raises(ValueError, match=r"at least 16x16 pixels \(one SIFT window at bin_size=5\)"):
+    with pytest.raises(ValueError, match=r"at least 16×16 pixels \(one SIFT window at bin_size=5\)"):
         DenseSIFT("features")(torch.rand(1, 3, 15, 40))
 
 

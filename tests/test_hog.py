@@ -117,7 +117,7 @@ def test_bad_cell_size(cell_size: object) -> None:
 
 @pytest.mark.parametrize("size", [(7, 30), (30, 5)])
 def test_image_smaller_than_a_cell(size: tuple[int, int]) -> None:
-    with pytest.raises(ValueError, match=r"at least 8x8 pixels \(one cell at cell_size=8\)"):
+    with pytest.raises(ValueError, match=r"at least 8×8 pixels \(one cell at cell_size=8\)"):
         HOGb("features")(torch.rand(1, 3, *size))
 
 

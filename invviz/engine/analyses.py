@@ -125,10 +125,10 @@ def window_mask(code_shape: Sequence[int], window: tuple[int, int, int, int]) ->
     y, x, h, w = window
     _, height, width = code_shape
     if h < 1 or w < 1:
-        raise ValueError(f"window height and width must be at least 1, got {h}x{w}")
+        raise ValueError(f"window height and width must be at least 1, got {h}×{w}")
     if y < 0 or x < 0 or y + h > height or x + w > width:
         raise ValueError(
-            f"window rows {y}:{y + h}, cols {x}:{x + w} is outside the code of {height}x{width} cells"
+            f"window rows {y}:{y + h}, cols {x}:{x + w} is outside the code of {height}×{width} cells"
         )
     mask = torch.zeros(tuple(code_shape), dtype=torch.bool)
     mask[:, y : y + h, x : x + w] = True
@@ -274,7 +274,7 @@ def receptive_field_crop(image: Tensor, box: Box) -> Tensor:
         raise ValueError(f"image must be (C, H, W), got {tuple(image.shape)}")
     clipped = box.clip(image.shape[1], image.shape[2])
     if clipped.height <= 0 or clipped.width <= 0:
-        raise ValueError(f"box {box.as_tuple()} does not overlap the {image.shape[1]}x{image.shape[2]} image")
+        raise ValueError(f"box {box.as_tuple()} does not overlap the {image.shape[1]}×{image.shape[2]} image")
     return image[:, clipped.top : clipped.bottom, clipped.left : clipped.right]
 
 

@@ -104,7 +104,7 @@ def window_box(
     if not (0 <= rows[0] < rows[1] <= gy.cells and 0 <= cols[0] < cols[1] <= gx.cells):
         raise ValueError(
             f"code window rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} is outside the code "
-            f"of {gy.cells}x{gx.cells} cells"
+            f"of {gy.cells}×{gx.cells} cells"
         )
     return Box(
         top=gy.start + rows[0] * gy.jump,

@@ -118,11 +118,11 @@ class DenseSIFT(ShallowRepresentation):
         window = (SPATIAL_BINS - 1) * self.bin_size + 1
         if height < window or width < window:
             raise ValueError(
-                f"dsift needs an image of at least {window}x{window} pixels (one SIFT window at "
-                f"bin_size={self.bin_size}), got {height}x{width}"
+                f"dsift needs an image of at least {window}×{window} pixels (one SIFT window at "
+                f"bin_size={self.bin_size}), got {height}×{width}"
             )
         if self.step > min(height, width):
-            raise ValueError(f"step={self.step} is larger than the {height}x{width} image")
+            raise ValueError(f"step={self.step} is larger than the {height}×{width} image")
         oriented = self._oriented_gradients(gray)
         pooled_x = oriented @ _bin_weights(width, self.bin_size, self.step, gray).T
         pooled = _bin_weights(height, self.bin_size, self.step, gray) @ pooled_x

@@ -114,8 +114,8 @@ class HOG(ShallowRepresentation):
         smallest = max(self.cell_size, 4)
         if height < smallest or width < smallest:
             raise ValueError(
-                f"{self.model} needs an image of at least {smallest}x{smallest} pixels "
-                f"(one cell at cell_size={self.cell_size}), got {height}x{width}"
+                f"{self.model} needs an image of at least {smallest}×{smallest} pixels "
+                f"(one cell at cell_size={self.cell_size}), got {height}×{width}"
             )
         bins, weights = self._orientations(gray)
         per_pixel = gray.new_zeros(gray.shape[0], 2 * ORIENTATIONS, height - 2, width - 2)

@@ -389,7 +389,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
                     if not (0 <= rows[0] < rows[1] <= cells_y and 0 <= cols[0] < cols[1] <= cells_x):
                         raise ValueError(
                             f"code window rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} is outside "
-                            f"the code of {cells_y}x{cells_x} cells"
+                            f"the code of {cells_y}×{cells_x} cells"
                         )
                     cells = code[0, :, rows[0] : rows[1], cols[0] : cols[1]]
                     (gradient,) = torch.autograd.grad(cells.sum(), images)
