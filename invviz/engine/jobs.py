@@ -47,7 +47,9 @@ class TaskResult(Protocol):
 @dataclass(frozen=True)
 class Progress:
     """Where a job stands. ``terms`` and ``feature_error`` are means over the batch (NaN if unknown);
-    ``polishing``: the steps are done and the result is being polished (``Settings.polish``)."""
+    ``eta``: seconds left (``TimeLeft``; ``None`` before anything is timed); ``elapsed``: seconds
+    since the job started; ``polishing``: the steps are done and the result is being polished
+    (``Settings.polish``)."""
 
     step: int
     total: int
