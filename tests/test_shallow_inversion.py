@@ -119,7 +119,7 @@ def test_default_iterations_per_representation() -> None:
 
 
 BAD_INPUTS = {
-    "image smaller than a HOG cell": (["--rep", "hog", "--cell-size", "16"], (12, 40), "at least 16x16"),
+    "image smaller than a HOG cell": (["--rep", "hog", "--cell-size", "16"], (12, 40), "at least 16×16"),
     "image smaller than a SIFT window": (["--rep", "dsift", "--bin-size", "6"], (15, 40), "one SIFT window"),
     "zero cell size": (["--rep", "hog", "--cell-size", "0"], (70, 90), "--cell-size: must be at least 1"),
     "negative bin size": (["--rep", "dsift", "--bin-size", "-2"], (70, 90), "--bin-size: must be at least 1"),

@@ -92,7 +92,7 @@ def test_picker_click_drag_and_shift_click() -> None:
     assert len(picker.selected) == 7 and (3, 0) in picker.selected
     click(picker, [0, 1], [0, 1], "replace")
     assert picker.selected == [(0, 0)]
-    with pytest.raises(ValueError, match="outside the 4x5 grid"):
+    with pytest.raises(ValueError, match="outside the 4×5 grid"):
         picker.select_cells((3, 5), 0)
     picker.set_activation(np.zeros((2, 2)))  # a new grid clears the selection
     assert picker.mask == [[False, False], [False, False]]

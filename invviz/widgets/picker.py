@@ -67,7 +67,7 @@ class NeuronPicker(anywidget.AnyWidget):
         r0, r1 = (rows, rows + 1) if isinstance(rows, int) else rows
         c0, c1 = (cols, cols + 1) if isinstance(cols, int) else cols
         if not (0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width):
-            raise ValueError(f"cells rows {r0}:{r1}, cols {c0}:{c1} are outside the {height}x{width} grid")
+            raise ValueError(f"cells rows {r0}:{r1}, cols {c0}:{c1} are outside the {height}×{width} grid")
         if mode not in ("replace", "add", "toggle"):
             raise ValueError(f"mode must be replace, add or toggle, got {mode!r}")
         grid = (
@@ -88,7 +88,7 @@ class NeuronPicker(anywidget.AnyWidget):
         mask = proposal["value"]
         if self.activation and (len(mask), len(mask[0]) if mask else 0) != self.shape:
             raise traitlets.TraitError(
-                f"mask must be {self.shape[0]}x{self.shape[1]} like the activation map"
+                f"mask must be {self.shape[0]}×{self.shape[1]} like the activation map"
             )
         return mask
 
