@@ -650,7 +650,7 @@ def invert(
         raise ValueError("give an image, or a target code together with the image size")
     else:
         height, width = _check_size(size)
-    if not isinstance(target, Tensor) or not (target.is_floating_point() or target.dtype == torch.bool):
+    if not isinstance(target, Tensor) or not target.is_floating_point():
         kind = target.dtype if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target must be a floating-point tensor (a code), got {kind}")
     target = target.to(dev, torch.float32)
