@@ -252,7 +252,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         _check_output(path, option=f"--out's companion {path.name}")
     if args.metrics is not None:
         _check_output(args.metrics, option="--metrics")
-        if args.metrics.resolve() in {path.resolve() for path in outputs}:
+        if any(_same_file(args.metrics, path) for path in outputs):
             raise UsageError(f"--metrics {args.metrics} would overwrite an image this run writes")
     for path in [*outputs, *([args.metrics] if args.metrics is not None else [])]:
         if _same_file(path, Path(args.image)):
@@ -400,7 +400,6 @@ def _models_command(args: argparse.Namespace) -> None:
 
 def _layers_command(args: argparse.Namespace) -> None:
     _check_sizes(args)
-    layers = model_layers(args.model)
     takes_weights = "weights" in model_options(args.model)
     if args.weights is not None and not takes_weights:
         raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
@@ -410,11 +409,11 @@ def _layers_command(args: argparse.Namespace) -> None:
     reps = list(every_layer(args.model, **options))  # one network, shared
     size = args.size or reps[0].native_size or 224
     rows = []  # all computed before the table starts, so that an error comes alone
-    for layer, rep in zip(layers, reps):
+    for rep in reps:
         try:
-            rows.append((layer, *_layer_row(rep, size)))
+            rows.append((rep.layer, *_layer_row(rep, size)))
         except LayerNotRun:
-            rows.append((layer, "-", "does not run in inference", ""))
+            rows.append((rep.layer, "-", "does not run in inference", ""))
     print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
     for layer, shape, field, stride in rows:
         print(f"{layer:<14} {shape:<18} {field:<16} {stride}".rstrip())
@@ -449,9 +448,9 @@ def _demo_command(args: argparse.Namespace) -> None:
     if not os.access(next(p for p in (args.out, *args.out.parents) if p.exists()), os.W_OK):
         raise UsageError(f"--out {args.out} cannot be created or written")
     if args.image is not None:
-        from .demo import DEMO_LAYERS, output_files
+        from .demo import output_files
 
-        for path in output_files(args.out, DEMO_LAYERS):
+        for path in output_files(args.out):
             if _same_file(path, Path(args.image)):
                 raise UsageError(f"the demo would overwrite its --image {args.image} with {path.name}; choose another --out")
     run_demo(args.out, iters=args.iters, image=args.image, device=args.device)

@@ -56,21 +56,28 @@ def _open(source: str | Path | bytes) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. One-channel 16-bit, 32-bit integer and float images are scaled, not clipped
-    (Pillow's own conversion clips them at 255, turning a 16-bit PNG white): by their type's range
-    when their values fit it (16-bit: 0-65535; 0-255 or [0, 1] for the others), else min to max."""
+    (Pillow's own conversion clips them at 255, turning a 16-bit PNG white): see ``_scaled``."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image.convert("RGB")
     values = np.asarray(image, dtype=np.float64)
+    scaled = _scaled(values, integer=image.mode != "F", sixteen_bit=image.mode.startswith("I;16"))
+    return Image.fromarray(scaled).convert("RGB")
+
+
+def _scaled(values: np.ndarray, *, integer: bool, sixteen_bit: bool) -> np.ndarray:
+    """Pixel values as uint8, scaled rather than clipped: by their type's range when they fit it
+    (16-bit: 0-65535, also for other integers above 255; else 0-255 for integers, [0, 1] for
+    floats), otherwise from their minimum to their maximum. NaN or infinite values are refused."""
     _check_finite(values)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
+    unit = 255.0 if integer else 1.0
+    if sixteen_bit or (integer and 255 < high <= 65535 and low >= 0):
         span = (0.0, 65535.0)
-    elif low >= 0 and high <= (1.0 if image.mode == "F" else 255.0):
-        span = (0.0, 1.0 if image.mode == "F" else 255.0)
+    elif low >= 0 and high <= unit:
+        span = (0.0, unit)
     else:
         span = (low, high if high > low else low + 1.0)
-    scaled = np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0)
-    return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8)).convert("RGB")
+    return np.rint(np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _check_finite(values: np.ndarray) -> None:
@@ -81,8 +88,7 @@ def _check_finite(values: np.ndarray) -> None:
 
 def _from_array(array: np.ndarray) -> Image.Image:
     """An ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array as 8-bit RGB: uint8 as is,
-    other types scaled as ``_to_rgb`` scales one-channel files (16-bit by 0-65535, floats in [0, 1]
-    as they are, anything else by its range)."""
+    other types scaled as one-channel files are (``_scaled``); a fourth channel is dropped."""
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         channels = array.shape[2]
     elif array.ndim == 2:
@@ -96,16 +102,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype == np.uint8:
         pixels = array if channels != 1 else array[..., 0] if array.ndim == 3 else array
         return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
-    values = array.astype(np.float64)[..., :3]
-    _check_finite(values)
-    low, high = float(values.min()), float(values.max())
-    if array.dtype == np.uint16 or (np.issubdtype(array.dtype, np.integer) and 255 < high <= 65535 and low >= 0):
-        span = (0.0, 65535.0)
-    elif low >= 0 and high <= (1.0 if np.issubdtype(array.dtype, np.floating) else 255.0):
-        span = (0.0, 1.0 if np.issubdtype(array.dtype, np.floating) else 255.0)
-    else:
-        span = (low, high if high > low else low + 1.0)
-    scaled = np.rint(np.clip((values - span[0]) / (span[1] - span[0]), 0.0, 1.0) * 255.0).astype(np.uint8)
+    integer = bool(np.issubdtype(array.dtype, np.integer))
+    scaled = _scaled(array.astype(np.float64)[..., :3], integer=integer, sixteen_bit=array.dtype == np.uint16)
     if scaled.ndim == 3 and scaled.shape[2] == 1:
         scaled = scaled[..., 0]
     return Image.fromarray(np.ascontiguousarray(scaled)).convert("RGB")

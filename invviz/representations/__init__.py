@@ -93,9 +93,7 @@ def every_layer(model: str, **options: Any) -> Iterator[Representation]:
         for layer in cls.layers:
             yield representation(model, layer=layer, **options)
         return
-    unknown = set(options) - set(model_options(model))
-    if unknown:
-        representation(model, layer=cls.layers[0], **options)  # the factory's own error
+    _check_options(model, options)
     network = build(**options)
     shared: Any = cls  # a torchvision class, whose constructor takes ``_network``
     for layer in cls.layers:
@@ -127,13 +125,17 @@ def representation(spec: str, layer: str | None = None, **options: Any) -> Repre
     ``step=`` for HOG and SIFT). The result is in eval mode with frozen parameters.
     """
     model, chosen = parse_spec(spec, layer)
+    _check_options(model, options)
+    return _frozen(_lookup(model)(chosen, **options))
+
+
+def _check_options(model: str, options: dict[str, Any]) -> None:
     accepted = model_options(model)
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise ValueError(
             f"{model} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(accepted) or 'none'}"
         )
-    return _frozen(_lookup(model)(chosen, **options))
 
 
 def _frozen(rep: Representation) -> Representation:
