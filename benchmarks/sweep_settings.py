@@ -39,7 +39,7 @@ def parse_grid(assignments: list[str]) -> list[dict[str, object]]:
         if name not in fields or not values:
             raise SystemExit(f"--set takes FIELD=V1,V2 with a Settings field ({', '.join(fields)}); got {assignment!r}")
         kind = str(fields[name].type)
-        cast = int if kind.startswith("int") else str if "Literal" in kind or kind == "str" else float
+        cast = int if kind.startswith("int") else float if kind.startswith("float") else str
         axes.append([(name, cast(value)) for value in values.split(",")])
     return [dict(combination) for combination in itertools.product(*axes)] if axes else []
 

@@ -30,7 +30,7 @@ from .engine.analyses import (
     window_mask,
 )
 from .engine.jobs import TimeLeft, time_left_text
-from .engine.loop import ADAM_LR, OPTIMIZERS, PAPER_LR
+from .engine.loop import ADAM_LR, COLOUR_BASES, OPTIMIZERS, PAPER_LR
 from .images import image_grid, load_image, save_image
 from .representations import (
     Representation,
@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,
                      help="data term (‖Φ(x) − Φ0‖ / ‖Φ0‖)^P (default: 1 with adam, 2, the paper's squared form, with paper)")
+    inv.add_argument("--colour-basis", choices=COLOUR_BASES,
+                     help="coordinates Adam steps in for colour images: opponent (brightness and two colour-opponent axes, colour at --chroma-rate; the default except rgb at efficientnet_lite0:head) or rgb")
+    inv.add_argument("--chroma-rate", type=positive_float,
+                     help=f"with the opponent colour basis, the colour axes' step as a share of brightness' (default {Settings.chroma_rate:g})")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
     inv.add_argument("--quiet", action="store_true", help="no progress bar")
     inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
@@ -283,6 +287,8 @@ def _invert_command(args: argparse.Namespace) -> None:
         start_noise=args.start_noise,
         flat_regions=args.flat_regions,
         polish=args.polish,
+        colour_basis=args.colour_basis,
+        chroma_rate=Settings.chroma_rate if args.chroma_rate is None else args.chroma_rate,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)
@@ -322,6 +328,16 @@ def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
         raise UsageError(f"--polish needs a spatial code; {rep.spec} is a vector")
     if args.tv_chroma is not None and rep.grayscale:
         raise UsageError(f"--tv-chroma weighs colour, and {rep.spec} reconstructs grey images")
+    for option, given in (("--colour-basis", args.colour_basis), ("--chroma-rate", args.chroma_rate)):
+        if given is not None and rep.grayscale:
+            raise UsageError(f"{option} applies to colour images, and {rep.spec} reconstructs grey ones")
+        if given is not None and args.optimizer != "adam":
+            raise UsageError(f"{option} applies to the adam optimizer, not {args.optimizer}")
+    if args.chroma_rate is not None and (args.colour_basis or rep.default_colour_basis()) == "rgb":
+        raise UsageError(
+            "--chroma-rate applies to the opponent colour basis"
+            + ("" if args.colour_basis else f"; {rep.spec} steps in rgb by default, add --colour-basis opponent")
+        )
 
 
 def _gallery_command(

@@ -205,6 +205,10 @@ BAD_INPUTS = {
     "flat regions off for a CNN": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--no-flat-regions"], "hog, hogb and dsift only"),
     "polishing a vector code": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:logits", "--out", t / "o.png", "--polish", "5"], "spatial code"),
     "colour TV for a grey code": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--tv-chroma", "1"], "grey images"),
+    "colour basis for a grey code": (lambda t, p: ["invert", p, "--rep", "dsift", "--out", t / "o.png", "--colour-basis", "rgb"], "colour images"),
+    "chroma rate with the paper's optimizer": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--optimizer", "paper", "--chroma-rate", "0.3"], "adam optimizer"),
+    "chroma rate in rgb": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--colour-basis", "rgb", "--chroma-rate", "0.3"], "opponent colour basis"),
+    "unknown colour basis": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--colour-basis", "hsv"], "invalid choice"),
     "weights for a model without": (lambda t, p: ["layers", "hog", "--weights", "random"], "has no weights"),
     "nan pixel in a float image": (lambda t, p: ["invert", _float_tiff(t / "nan.tiff", float("nan")), "--rep", "tiny:conv1", "--out", t / "o.png"], "NaN or infinite"),
     "a flat image's hog": (lambda t, p: ["invert", _flat_png(t / "flat.png"), "--rep", "hog", "--out", t / "o.png"], "all zero"),
@@ -271,7 +275,7 @@ def test_features_writes_exactly_the_path_given(tmp_path, photo, capsys) -> None
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
-    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start"):
+    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start", "--chroma-rate"):
         code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 

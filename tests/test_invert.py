@@ -256,6 +256,9 @@ def test_tv_weight_starts_at_tv_start_times_and_ends_at_tv_weight(photo, native,
         ({"feature_power": 0}, "feature_power"),
         ({"tv_start": 0}, "tv_start"),
         ({"feature_power": float("nan")}, "feature_power"),
+        ({"colour_basis": "yuv"}, "colour basis"),
+        ({"chroma_rate": 0}, "chroma_rate"),
+        ({"chroma_rate": float("inf")}, "chroma_rate"),
     ],
 )
 def test_settings_reject_bad_values(kwargs, fragment) -> None:
@@ -361,3 +364,32 @@ def test_settings_take_numpy_numbers_as_plain_ones() -> None:
     json.dumps(dataclasses.asdict(settings))  # the metrics stay JSON
     with pytest.raises(ValueError, match="iters"):
         Settings(iters=np.float32(3))
+
+
+def test_the_opponent_colour_basis_reconstructs_grey_photos_better_than_rgb() -> None:
+    """Adam per R, G, B turned the network's colour-opponent gradient into colour steps as large as
+    the brightness ones; in the opponent basis with colour at half the rate, grey photos come back
+    closer to their code (Settings.colour_basis)."""
+    rep = representation("efficientnet_lite0:blocks.4")
+    errors: dict[str, list[float]] = {"rgb": [], "opponent": []}
+    for name in ("chelsea", "coffee", "astronaut"):
+        grey = sample_image(name, 64).mean(0, keepdim=True).expand(3, -1, -1).contiguous()
+        for basis, found in errors.items():
+            result = invert(rep, grey, settings=Settings(iters=60, colour_basis=basis), device="cpu")  # type: ignore[arg-type]
+            found.append(result.feature_error[0])
+    assert all(o < r for o, r in zip(errors["opponent"], errors["rgb"])), errors
+    assert sum(errors["opponent"]) < 0.96 * sum(errors["rgb"]), errors
+
+
+def test_the_colour_basis_defaults_to_opponent_except_at_lite0_head() -> None:
+    resolved = {
+        spec: Settings().resolved(representation(spec)).colour_basis
+        for spec in ("efficientnet_lite0:blocks.4", "efficientnet_lite0:head", "tiny:conv2", "hog")
+    }
+    assert resolved == {
+        "efficientnet_lite0:blocks.4": "opponent",
+        "efficientnet_lite0:head": "rgb",
+        "tiny:conv2": "opponent",
+        "hog": "opponent",  # one channel: Adam steps per channel anyway (colour_basis gives None)
+    }
+    assert Settings(colour_basis="opponent").resolved(representation("efficientnet_lite0:head")).colour_basis == "opponent"

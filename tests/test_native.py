@@ -1,12 +1,14 @@
 """The fused CPU kernels (``invviz/engine/_native.c``) against the torch formulation they replace."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from invviz import Settings, invert, representation, sample_image
 from invviz.engine import _native
-from invviz.engine.loop import _Pyramid, default_objective, random_start
+from invviz.engine.loop import ColourAdam, _Pyramid, colour_basis, default_objective, random_start
 from invviz.engine.objectives import (
     MEAN_PIXEL,
     SQUARED_ERROR_FLOOR,
@@ -102,9 +104,38 @@ def test_adam_is_torch_adam() -> None:
     assert torch.allclose(param, reference.detach(), atol=1e-6)
 
 
-def test_a_native_step_equals_the_torch_step() -> None:
-    """Same start, same objective: the native pyramid, priors, level gradients and Adam give the
-    torch path's image, gradients and updated levels."""
+def test_the_opponent_basis_is_grey_and_two_orthogonal_colour_axes() -> None:
+    basis = colour_basis(Settings(colour_basis="opponent", chroma_rate=1.0), 3)
+    assert basis is not None
+    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-6)  # orthonormal at rate 1
+    assert torch.allclose(basis[:, 0], torch.full((3,), 3**-0.5))  # the grey axis
+    assert torch.allclose(basis[:, 1:].sum(0), torch.zeros(2), atol=1e-6)  # colour axes carry no grey
+    scaled = colour_basis(Settings(colour_basis="opponent", chroma_rate=0.25), 3)
+    assert scaled is not None and torch.allclose(scaled[:, 1:], basis[:, 1:] * 0.25)
+    opponent = Settings(colour_basis="opponent")
+    for settings, channels in ((Settings(colour_basis="rgb"), 3), (replace(opponent, optimizer="paper"), 3), (opponent, 1)):
+        assert colour_basis(settings, channels) is None
+
+
+def test_colour_adam_with_the_identity_basis_is_torch_adam() -> None:
+    generator = torch.Generator().manual_seed(0)
+    param = torch.randn(2, 3, 5, 4, generator=generator)
+    reference, ours = param.clone().requires_grad_(True), param.clone().requires_grad_(True)
+    optimizers = torch.optim.Adam([reference], lr=0.1), ColourAdam([ours], torch.eye(3), lr=0.1)
+    for step in range(1, 20):
+        grad = torch.randn(param.shape, generator=generator) * 10.0 ** -(step % 4)
+        for tensor, optimizer in zip((reference, ours), optimizers):
+            optimizer.param_groups[0]["lr"] = 0.1 / step
+            tensor.grad = grad.clone()
+            optimizer.step()
+    assert torch.allclose(ours.detach(), reference.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("basis", ["rgb", "opponent"])
+def test_a_native_step_equals_the_torch_step(basis) -> None:
+    """Same start, same objective: the native pyramid, priors, level gradients and Adam (per
+    channel, or in the opponent colour basis) give the torch path's image, gradients and updated
+    levels."""
     rep = representation("efficientnet_lite0:blocks.1")
     photo = sample_image("chelsea", 40)
     settings = Settings(iters=3, tv_chroma=2.0).resolved(rep)  # the colour-weighted TV, too
@@ -116,8 +147,9 @@ def test_a_native_step_equals_the_torch_step() -> None:
     tv, alpha = objective.terms[1], objective.terms[2]
     torch_priors: list[float] = []  # the torch path's TV and α values, unweighted
     results = []
+    colours = colour_basis(replace(settings, colour_basis=basis), 3)
     for native in (False, True):
-        pyramid = _Pyramid(start, 3, native)
+        pyramid = _Pyramid(start, 3, native, colours)
         with torch.no_grad():
             for level in pyramid.levels[1:]:
                 level.copy_(torch.randn(level.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
@@ -139,7 +171,7 @@ def test_a_native_step_equals_the_torch_step() -> None:
         else:
             torch_priors = [terms[name].item() / weight / fn.scale for name, weight, fn in (tv, alpha)]
             grads = [level.grad.clone() for level in pyramid.levels]
-            torch.optim.Adam(pyramid.levels, lr=lr).step()
+            (torch.optim.Adam(pyramid.levels, lr=lr) if colours is None else ColourAdam(pyramid.levels, colours, lr)).step()
         # The next step's image (natively composed by ``update`` already) and the clamped levels.
         following = pyramid.image().detach().clone()
         results.append((image.detach().clone(), grads, [level.detach().clone() for level in pyramid.levels], following))
@@ -160,7 +192,7 @@ def test_kernels_give_the_same_bits_on_one_thread_and_on_several(monkeypatch) ->
     outcomes = []
     for threaded in (False, True):
         monkeypatch.setattr(_native, "threads", lambda threaded=threaded: 2 if threaded else 1)
-        pyramid = _Pyramid(start, 4, native=True)
+        pyramid = _Pyramid(start, 4, native=True, basis=colour_basis(Settings(colour_basis="opponent"), 3))
         assert pyramid.fused is not None
         with torch.no_grad():
             for index, level in enumerate(pyramid.levels[1:]):

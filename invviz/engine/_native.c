@@ -159,13 +159,16 @@ void invviz_upsample_adjoint(const float *grad, int H, int W, float *coarse, int
 /* Adam's constants for one step (torch.optim.Adam's update, no weight decay). */
 struct adam_step {
     float size, root, eps, keep, b2, keep2;
+    /* With `basis` (3 x 3, row-major: basis[3 r + k] is colour r of axis k), Adam runs on the
+     * coordinates p of three colour planes x = basis p: gradient basis^T g, step basis d. */
+    const float *basis;
 };
 
 static struct adam_step adam_constants(double lr, double beta1, double beta2, double epsilon, int step)
 {
     double correction1 = 1.0 - pow(beta1, step), correction2 = 1.0 - pow(beta2, step);
     struct adam_step a = {(float)(lr / correction1), (float)sqrt(correction2), (float)epsilon, (float)(1.0 - beta1),
-                          (float)beta2, (float)(1.0 - beta2)};
+                          (float)beta2, (float)(1.0 - beta2), NULL};
     return a;
 }
 
@@ -185,6 +188,60 @@ static void adam_run(float *param, const float *grad, float *first, float *secon
     }
 }
 
+/* Adam's update of `count` pixels of three colour planes `plane` floats apart, in a->basis (see
+ * struct adam_step): the moments are the basis coordinates'. */
+static void adam_run_basis(float *param, const float *grad, float *first, float *second, size_t plane, size_t count,
+                           const struct adam_step *a)
+{
+    float size = a->size, root = a->root, eps = a->eps, keep = a->keep, b2 = a->b2, keep2 = a->keep2;
+    const float *M = a->basis;
+    float *p0 = param, *p1 = param + plane, *p2 = param + 2 * plane;
+    float *m0 = first, *m1 = first + plane, *m2 = first + 2 * plane;
+    float *v0 = second, *v1 = second + plane, *v2 = second + 2 * plane;
+    const float *g0 = grad, *g1 = grad + plane, *g2 = grad + 2 * plane;
+#pragma omp simd
+    for (size_t i = 0; i < count; ++i) {
+        float r = g0[i], g = g1[i], b = g2[i];
+        float q0 = M[0] * r + M[3] * g + M[6] * b;
+        float q1 = M[1] * r + M[4] * g + M[7] * b;
+        float q2 = M[2] * r + M[5] * g + M[8] * b;
+        float n0 = m0[i] + keep * (q0 - m0[i]), n1 = m1[i] + keep * (q1 - m1[i]), n2 = m2[i] + keep * (q2 - m2[i]);
+        float w0 = b2 * v0[i] + keep2 * q0 * q0, w1 = b2 * v1[i] + keep2 * q1 * q1, w2 = b2 * v2[i] + keep2 * q2 * q2;
+        m0[i] = n0, m1[i] = n1, m2[i] = n2;
+        v0[i] = w0, v1[i] = w1, v2[i] = w2;
+        float d0 = size * n0 / (sqrtf(w0) / root + eps);
+        float d1 = size * n1 / (sqrtf(w1) / root + eps);
+        float d2 = size * n2 / (sqrtf(w2) / root + eps);
+        p0[i] -= M[0] * d0 + M[1] * d1 + M[2] * d2;
+        p1[i] -= M[3] * d0 + M[4] * d1 + M[5] * d2;
+        p2[i] -= M[6] * d0 + M[7] * d1 + M[8] * d2;
+    }
+}
+
+/* Adam's update of B images of C planes of `plane` floats (per channel, or in a->basis when
+ * C == 3), split among `threads`. */
+static void adam_images(float *param, const float *grad, float *first, float *second, int B, int C, size_t plane,
+                        const struct adam_step *a, int threads)
+{
+    if (!a->basis || C != 3) {
+        size_t count = (size_t)B * C * plane;
+        long parts = threads > 1 && count >= PARALLEL_MIN ? threads : 1;
+#pragma omp parallel for num_threads(threads) if (parts > 1) schedule(static)
+        for (long part = 0; part < parts; ++part) {
+            size_t begin = count * part / parts, end = count * (part + 1) / parts;
+            adam_run(param + begin, grad + begin, first + begin, second + begin, end - begin, a);
+        }
+        return;
+    }
+    long per_image = threads > 1 && (size_t)B * 3 * plane >= PARALLEL_MIN ? threads : 1, parts = B * per_image;
+#pragma omp parallel for num_threads(threads) if (per_image > 1) schedule(static)
+    for (long part = 0; part < parts; ++part) {
+        long b = part / per_image, k = part % per_image;
+        size_t begin = plane * k / per_image, end = plane * (k + 1) / per_image, offset = (size_t)b * 3 * plane + begin;
+        adam_run_basis(param + offset, grad + offset, first + offset, second + offset, plane, end - begin, a);
+    }
+}
+
 /* What a step does to the finest level once a row of its gradient is final: the row's column
  * adjoint (toward the next level, when `rows` is given) and its Adam update (when `param` is). */
 struct finish_rows {
@@ -195,12 +252,18 @@ struct finish_rows {
 
 static void finish_row(const struct finish_rows *f, const float *grad, size_t plane, int C, int H, int W, int i)
 {
+    int basis = f->adam.basis && C == 3;
     for (int c = 0; c < C; ++c) {
         size_t offset = c * plane + (size_t)i * W;
         if (f->rows)
             upsample_row_adjoint(grad + offset, W, f->rows + ((size_t)c * H + i) * f->w, f->w);
-        if (f->param)
+        if (f->param && !basis)
             adam_run(f->param + offset, grad + offset, f->first + offset, f->second + offset, (size_t)W, &f->adam);
+    }
+    if (f->param && basis) {
+        size_t offset = (size_t)i * W;
+        adam_run_basis(f->param + offset, grad + offset, f->first + offset, f->second + offset, plane, (size_t)W,
+                       &f->adam);
     }
 }
 
@@ -573,12 +636,7 @@ void invviz_adam(float *param, const float *grad, float *first, float *second, s
                  double beta1, double beta2, double epsilon, int step, int threads)
 {
     struct adam_step a = adam_constants(lr, beta1, beta2, epsilon, step);
-    long parts = threads > 1 && count >= PARALLEL_MIN ? threads : 1;
-#pragma omp parallel for num_threads(threads) if (parts > 1) schedule(static)
-    for (long part = 0; part < parts; ++part) {
-        size_t begin = count * part / parts, end = count * (part + 1) / parts;
-        adam_run(param + begin, grad + begin, first + begin, second + begin, end - begin, &a);
-    }
+    adam_images(param, grad, first, second, 1, 1, count, &a, threads);
 }
 
 /* A pyramid's image (see loop.py's _Pyramid): out = params[0] + up(params[1] + up(... params[L-1])),
@@ -607,18 +665,21 @@ void invviz_compose(int planes, int levels, float *const *params, const int *hei
  * the next step's image composed into it (invviz_compose, `partial` its scratch) while the
  * levels are still in cache. With `input` (see prepared_input) the image's gradient is read from
  * the network's gradient of its prepared input (grads[0] is then scratch it is loaded into) and
- * the next image is also written into the prepared input. Scratch: `slope` H x W floats, `mixed`
+ * the next image is also written into the prepared input. With `basis` (3 x 3, see struct
+ * adam_step; NULL: each plane on its own) Adam runs on the coordinates of C == 3 planes in it. Scratch: `slope` H x W floats, `mixed`
  * C H W floats, `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
 void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
                    float *const *firsts, float *const *seconds, const int *heights, const int *widths,
                    double tv_weight, double beta, double chroma, double epsilon, double alpha_weight, double alpha,
                    const float *mean, float *slope, float *mixed, double *sums, double *tv_out, double *alpha_out,
                    float *rows, double lr, double beta1, double beta2, double adam_epsilon, int step,
-                   float *const *partial, float *next, const struct prepared_input *input, int threads)
+                   float *const *partial, float *next, const struct prepared_input *input, const float *basis,
+                   int threads)
 {
     int H = heights[0], W = widths[0];
     size_t image_size = (size_t)C * H * W;
     struct adam_step adam = adam_constants(lr, beta1, beta2, adam_epsilon, step);
+    adam.basis = basis;
     /* The finest level in one sweep over its rows: priors, column adjoint toward level 1, Adam. */
     for (int b = 0; b < B; ++b) {
         size_t offset = b * image_size;
@@ -639,8 +700,7 @@ void invviz_update(const float *image, int B, int C, int levels, float *const *p
         invviz_upsample_adjoint(grads[l - 1], heights[l - 1], widths[l - 1], grads[l], heights[l], widths[l], B * C,
                                 rows, threads);
     for (int l = 1; l < levels; ++l)
-        invviz_adam(params[l], grads[l], firsts[l], seconds[l], (size_t)B * C * heights[l] * widths[l], lr, beta1,
-                    beta2, adam_epsilon, step, threads);
+        adam_images(params[l], grads[l], firsts[l], seconds[l], B, C, (size_t)heights[l] * widths[l], &adam, threads);
     if (next) {
         invviz_compose(B * C, levels, params, heights, widths, partial, next, threads);
         if (input)

@@ -53,7 +53,7 @@ _SIGNATURES: dict[str, list[type]] = {
     "invviz_relative_error_grad": [_ptr_t, _ptr_t, _int, _int, ctypes.c_long, _ptr_t, _ptr_t, _ptr_t, _int],
     "invviz_update": [_ptr_t, _int, _int, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
                       _dbl, _dbl, _dbl, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _dbl, _dbl, _dbl,
-                      _dbl, _int, _ptr_t, _ptr_t, _ptr_t, _int],
+                      _dbl, _int, _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
     "invviz_prepare": [_ptr_t, _int, _int, _int, _int, _ptr_t, _int],
 }
 
@@ -315,9 +315,16 @@ class Levels:
     image while the levels are in cache, and ``compose()`` before the network hands that over
     (composing only when no update came before, as at the first step)."""
 
-    def __init__(self, levels: list[Tensor], mean: tuple[float, ...]) -> None:
+    def __init__(self, levels: list[Tensor], mean: tuple[float, ...], basis: Tensor | None = None) -> None:
+        """``basis``: a 3 × 3 colour basis Adam runs in (``basis[r, k]``: colour r of axis k; the
+        levels of 3-channel images then take steps ``basis @ d`` for Adam's steps ``d`` on the
+        gradient ``basis.T @ g``, see ``loop.colour_basis``); ``None``: each channel on its own."""
         self.levels = levels
         batch, channels, height, width = levels[0].shape
+        if basis is not None and (channels != 3 or basis.shape != (3, 3)):
+            raise ValueError(f"a colour basis of shape {tuple(basis.shape)} for {channels}-channel images")
+        self.basis = None if basis is None else basis.to(torch.float32).contiguous()
+        self._basis = None if self.basis is None else self.basis.data_ptr()
         self.batch, self.channels = batch, channels
         self.steps = 0
         self.first = [torch.zeros_like(level) for level in levels]
@@ -420,6 +427,6 @@ class Levels:
             image.data_ptr(), self.batch, self.channels, len(self.levels), self.params_table, self.grads_table,
             self.first_table, self.second_table, self.heights, self.widths, tv_weight, beta, chroma, epsilon,
             alpha_weight, alpha, *self._scratch, lr, betas[0], betas[1], eps, self.steps, self.partial_table,
-            self._next.data_ptr(), self._input_ref, threads(),
+            self._next.data_ptr(), self._input_ref, self._basis, threads(),
         )
         return self.tv_values.tolist(), self.alpha_values.tolist()

@@ -7,7 +7,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +198,11 @@ class Representation(nn.Module):
         """Rounds of 8-bit polishing (``Settings.polish``) after ``iters`` steps when none is given:
         none for CNN codes, which 8-bit rounding barely moves."""
         return 0
+
+    def default_colour_basis(self) -> Literal["opponent", "rgb"]:
+        """The coordinates Adam steps in when the settings name none (``Settings.colour_basis``):
+        the opponent colour basis; one-channel representations ignore it."""
+        return "opponent"
 
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
