@@ -666,8 +666,9 @@ void invviz_compose(int planes, int levels, float *const *params, const int *hei
  * levels are still in cache. With `input` (see prepared_input) the image's gradient is read from
  * the network's gradient of its prepared input (grads[0] is then scratch it is loaded into) and
  * the next image is also written into the prepared input. With `basis` (3 x 3, see struct
- * adam_step; NULL: each plane on its own) Adam runs on the coordinates of C == 3 planes in it. Scratch: `slope` H x W floats, `mixed`
- * C H W floats, `sums` 2 H doubles, `rows` B C H ceil(W / 2) floats. */
+ * adam_step; NULL: each plane on its own) Adam runs on the coordinates of C == 3 planes in it.
+ * Scratch: `slope` H x W floats, `mixed` C H W floats, `sums` 2 H doubles, `rows` B C H
+ * ceil(W / 2) floats. */
 void invviz_update(const float *image, int B, int C, int levels, float *const *params, float *const *grads,
                    float *const *firsts, float *const *seconds, const int *heights, const int *widths,
                    double tv_weight, double beta, double chroma, double epsilon, double alpha_weight, double alpha,

@@ -323,7 +323,7 @@ class Levels:
         batch, channels, height, width = levels[0].shape
         if basis is not None and (channels != 3 or basis.shape != (3, 3)):
             raise ValueError(f"a colour basis of shape {tuple(basis.shape)} for {channels}-channel images")
-        self.basis = None if basis is None else basis.to(torch.float32).contiguous()
+        self.basis = None if basis is None else basis.to(torch.float32).contiguous()  # kept alive for its address
         self._basis = None if self.basis is None else self.basis.data_ptr()
         self.batch, self.channels = batch, channels
         self.steps = 0

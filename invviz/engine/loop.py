@@ -11,13 +11,14 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..representations import Representation
+from ..representations._base import ColourBasis
 from . import _native
 from ._device import resolve_device
 from ._threads import keep_freed_memory
@@ -41,8 +42,7 @@ from .polish import polish
 
 OptimizerName = Literal["adam", "paper"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "paper")
-ColourBasis = Literal["opponent", "rgb"]
-COLOUR_BASES: tuple[str, ...] = ("opponent", "rgb")
+COLOUR_BASES: tuple[str, ...] = get_args(ColourBasis)
 
 
 class StopSignal(Protocol):
@@ -113,9 +113,9 @@ class Settings:
       HOG / HOGb / DSIFT errors from 0.185 / 0.141 / 0.169 to 0.144 / 0.078 / 0.117 (Table 1).
     - ``colour_basis``: the coordinates of colour Adam takes its per-coordinate steps in, for
       3-channel images; ``None``: the representation's default (``"opponent"``, except ``"rgb"`` at
-      Lite0's ``head``, where it measured worse). ``"opponent"``: brightness (the grey axis) and two colour-opponent
-      axes, an orthonormal basis, with the colour axes' steps scaled by ``chroma_rate``; ``"rgb"``:
-      R, G and B as they are (the engine before this option). Adam normalizes each coordinate's
+      Lite0's ``head``, where it measured worse). ``"opponent"``: brightness (the grey axis) and
+      two colour-opponent axes, an orthonormal basis, with the colour axes' steps scaled by
+      ``chroma_rate``; ``"rgb"``: R, G and B as they are (the engine before this option). Adam normalizes each coordinate's
       step on its own, so in RGB a weak colour component of the gradient moved the pixels as far
       as a strong brightness one, and a large colour gradient (the network's first filters are
       colour-opponent) inflated each channel's second moment and slowed its brightness steps.
@@ -396,7 +396,7 @@ class ColourAdam(torch.optim.Optimizer):
     def __init__(self, params: list[Tensor], basis: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self.basis = basis
+        self.basis = basis.to(params[0])
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -411,15 +411,14 @@ class ColourAdam(torch.optim.Optimizer):
                     state["first"] = torch.zeros_like(param)
                     state["second"] = torch.zeros_like(param)
                 state["step"] += 1
-                basis = self.basis.to(param)
-                grad = torch.einsum("rk,brhw->bkhw", basis, param.grad)
+                grad = torch.einsum("rk,brhw->bkhw", self.basis, param.grad)
                 first, second = state["first"], state["second"]
                 first.lerp_(grad, 1 - beta1)
                 second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 size = group["lr"] / (1 - beta1 ** state["step"])
                 root = math.sqrt(1 - beta2 ** state["step"])
                 move = first / (second.sqrt() / root + group["eps"]) * size
-                param.sub_(torch.einsum("rk,bkhw->brhw", basis, move))
+                param.sub_(torch.einsum("rk,bkhw->brhw", self.basis, move))
 
 
 def _upsample_adjoint_axis(grad: Tensor, dim: int) -> Tensor:

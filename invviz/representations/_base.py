@@ -57,6 +57,10 @@ class InputLayout:
         return prepared.contiguous(memory_format=torch.channels_last) if self.channels_last else prepared
 
 
+#: The coordinates Adam steps in for colour images (``engine.Settings.colour_basis``).
+ColourBasis = Literal["opponent", "rgb"]
+
+
 class Representation(nn.Module):
     """An image representation Φ: images ``(B, 3, H, W)`` with values in [0, 1] to a code.
 
@@ -199,7 +203,7 @@ class Representation(nn.Module):
         none for CNN codes, which 8-bit rounding barely moves."""
         return 0
 
-    def default_colour_basis(self) -> Literal["opponent", "rgb"]:
+    def default_colour_basis(self) -> ColourBasis:
         """The coordinates Adam steps in when the settings name none (``Settings.colour_basis``):
         the opponent colour basis; one-channel representations ignore it."""
         return "opponent"

@@ -13,14 +13,13 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_representation
-from ._base import InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
+from ._base import ColourBasis, InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
 from ._geometry import Window
 
 __all__ = ["EfficientNetLite0", "imagenet_weights_path"]
@@ -348,7 +347,7 @@ class EfficientNetLite0(Representation):
             return DEEP_ADAM_LR
         return None
 
-    def default_colour_basis(self) -> Literal["opponent", "rgb"]:
+    def default_colour_basis(self) -> ColourBasis:
         """``rgb`` at ``head``, the opponent basis elsewhere. At ``head`` (200 steps, the 8 scikit-image
         photos, 8-bit PNG) the opponent basis read 0.185 / 0.185 / 0.176 mean error in three runs
         (one thread, one thread from a perturbed start, two threads) against 0.168 / 0.168 for R, G, B,
