@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from photos import HELD_OUT, SKIMAGE_PHOTOS, photo
+from photos import SKIMAGE_PHOTOS, photo, photo_names
 
 from invviz import Settings, invert, representation, roughness
 from invviz.demo import DEMO_LAYERS
@@ -115,17 +115,14 @@ def main() -> None:
     parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
     parser.add_argument(
         "--images",
-        help=f"comma-separated photos, or 'held-out' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS)})",
+        help=f"comma-separated photos, or 'held-out' or 'grey' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS)})",
     )
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     layers = ALL_LAYERS if args.all else tuple(args.layers.split(",")) if args.layers else DEMO_LAYERS
-    if args.images == "held-out":
-        names = HELD_OUT
-    else:
-        names = SAMPLES if args.all else tuple(args.images.split(",")) if args.images else ("chelsea", "coffee")
+    names = photo_names(args.images, SAMPLES if args.all else ("chelsea", "coffee"))
     photos = {name: photo(name, 224) for name in names}
 
     print(f"EfficientNet-Lite0, 224², {args.iters} iterations, photos: {', '.join(names)}, device {args.device}")

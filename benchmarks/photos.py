@@ -16,6 +16,17 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 #: Those the defaults were not tuned on.
 HELD_OUT = tuple(name for name in SKIMAGE_PHOTOS if name not in SAMPLES)
+#: scikit-image's grey photos (also in its wheel): smooth ones and textures.
+GREY_PHOTOS = ("camera", "moon", "coins", "grass", "gravel", "brick", "clock")
+#: Named sets for ``--images``.
+PHOTO_SETS = {"held-out": HELD_OUT, "grey": GREY_PHOTOS}
+
+
+def photo_names(spec: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``--images``: a named set (``held-out``, ``grey``), comma-separated photos, or ``default``."""
+    if not spec:
+        return default
+    return PHOTO_SETS.get(spec) or tuple(spec.split(","))
 
 
 def photo(name: str, size: int) -> torch.Tensor:
@@ -23,8 +34,8 @@ def photo(name: str, size: int) -> torch.Tensor:
     resized by the shorter side and centre-cropped."""
     if name in SAMPLES:
         return sample_image(name, size)
-    if name not in SKIMAGE_PHOTOS:
-        raise ValueError(f"unknown photo {name!r}; choose from {', '.join(SKIMAGE_PHOTOS)}")
+    if name not in SKIMAGE_PHOTOS + GREY_PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; choose from {', '.join(SKIMAGE_PHOTOS + GREY_PHOTOS)}")
     from skimage import data
 
     pixels = getattr(data, name)()

@@ -3,6 +3,7 @@
     python3 benchmarks/sweep_settings.py --layers head --set rectifier_slope=0,0.5,1
     python3 benchmarks/sweep_settings.py --layers blocks.4,blocks.8 --set iters=200,1000 --device cuda
     python3 benchmarks/sweep_settings.py --layers blocks.4 --set tv_beta=1,2 --set tv_weight=0.003,0.01
+    python3 benchmarks/sweep_settings.py --layers blocks.4,blocks.10 --images grey --set grey=true
 
 ``--set FIELD=V1,V2`` (any ``invviz.Settings`` field, repeatable: every combination is run, after a
 row with the defaults). All photos (default: the 8 scikit-image photos at 224²) are inverted as one
@@ -23,11 +24,17 @@ import time
 
 import torch
 from bench_layers import quantized, relative_error
-from photos import HELD_OUT, SKIMAGE_PHOTOS, photo
+from photos import SKIMAGE_PHOTOS, photo, photo_names
 
 from invviz import Settings, invert, representation, roughness
 
 ERROR_BOUND, ROUGHNESS_BOUND = 0.15, 1.5
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise SystemExit(f"--set: {value!r} is not true or false")
+    return value.lower() in ("true", "1")
 
 
 def parse_grid(assignments: list[str]) -> list[dict[str, object]]:
@@ -40,6 +47,8 @@ def parse_grid(assignments: list[str]) -> list[dict[str, object]]:
             raise SystemExit(f"--set takes FIELD=V1,V2 with a Settings field ({', '.join(fields)}); got {assignment!r}")
         kind = str(fields[name].type)
         cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+        if kind.startswith("bool"):
+            cast = _boolean
         axes.append([(name, cast(value)) for value in values.split(",")])
     return [dict(combination) for combination in itertools.product(*axes)] if axes else []
 
@@ -48,11 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="blocks.4,head", help="comma-separated Lite0 layers")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2", help="settings to sweep")
-    parser.add_argument("--images", help="comma-separated photos, or 'held-out' (default: all 8)")
+    parser.add_argument("--images", help="comma-separated photos, or 'held-out' or 'grey' (default: all 8)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    names = HELD_OUT if args.images == "held-out" else tuple(args.images.split(",")) if args.images else SKIMAGE_PHOTOS
+    names = photo_names(args.images, SKIMAGE_PHOTOS)
     photos = torch.stack([photo(name, args.size) for name in names])
     grid = [{}, *parse_grid(args.set)]
 

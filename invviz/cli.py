@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="coordinates Adam steps in for colour images: opponent (brightness and two colour-opponent axes, colour at --chroma-rate; the default except rgb at efficientnet_lite0:head) or rgb")
     inv.add_argument("--chroma-rate", type=positive_float,
                      help=f"with the opponent colour basis, the colour axes' step as a share of brightness' (default {Settings.chroma_rate:g})")
+    inv.add_argument("--grey", action="store_true",
+                     help="reconstruct a grey image (for codes of grey photos; the code itself does not say its photo was grey)")
     inv.add_argument("--optimizer", choices=OPTIMIZERS, default=Settings.optimizer, help="adam (default, fast) or paper (CVPR momentum schedule)")
     inv.add_argument("--quiet", action="store_true", help="no progress bar")
     inv.add_argument("--restarts", type=positive_int, default=1, metavar="K",
@@ -289,6 +291,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         polish=args.polish,
         colour_basis=args.colour_basis,
         chroma_rate=Settings.chroma_rate if args.chroma_rate is None else args.chroma_rate,
+        grey=args.grey,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)
@@ -326,11 +329,14 @@ def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
         raise UsageError(f"--no-flat-regions applies to hog, hogb and dsift only, not {rep.spec}")
     if args.polish and not rep.is_spatial:
         raise UsageError(f"--polish needs a spatial code; {rep.spec} is a vector")
-    if args.tv_chroma is not None and rep.grayscale:
-        raise UsageError(f"--tv-chroma weighs colour, and {rep.spec} reconstructs grey images")
+    if args.grey and rep.grayscale:
+        raise UsageError(f"--grey: {rep.spec} reconstructs grey images already")
+    grey = rep.spec if rep.grayscale else "--grey" if args.grey else None
+    if args.tv_chroma is not None and grey:
+        raise UsageError(f"--tv-chroma weighs colour, and {grey} reconstructs grey images")
     for option, given in (("--colour-basis", args.colour_basis), ("--chroma-rate", args.chroma_rate)):
-        if given is not None and rep.grayscale:
-            raise UsageError(f"{option} applies to colour images, and {rep.spec} reconstructs grey ones")
+        if given is not None and grey:
+            raise UsageError(f"{option} applies to colour images, and {grey} reconstructs grey ones")
         if given is not None and args.optimizer != "adam":
             raise UsageError(f"{option} applies to the adam optimizer, not {args.optimizer}")
     if args.chroma_rate is not None and (args.colour_basis or rep.default_colour_basis()) == "rgb":

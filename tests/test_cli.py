@@ -49,6 +49,15 @@ def test_invert_is_reproducible_with_a_seed(tmp_path, photo, capsys) -> None:
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+def test_invert_grey_writes_a_grey_png_and_says_so_in_the_metrics(tmp_path, photo, capsys) -> None:
+    out, metrics = tmp_path / "grey.png", tmp_path / "m.json"
+    args = ["invert", photo, "--rep", "tiny:conv2", "--out", out, "--iters", "5", "--grey", "--metrics", metrics, "--quiet"]
+    assert run_cli(capsys, *args)[0] == 0
+    pixels = np.asarray(Image.open(out)).astype(int)
+    assert pixels.std() > 0 and (pixels == pixels[..., :1]).all()
+    assert json.loads(metrics.read_text())["settings"]["grey"] is True
+
+
 def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
     rng = np.random.default_rng(0)
     path = tmp_path / "exact.png"
@@ -208,6 +217,9 @@ BAD_INPUTS = {
     "colour basis for a grey code": (lambda t, p: ["invert", p, "--rep", "dsift", "--out", t / "o.png", "--colour-basis", "rgb"], "colour images"),
     "chroma rate with the paper's optimizer": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--optimizer", "paper", "--chroma-rate", "0.3"], "adam optimizer"),
     "chroma rate in rgb": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--colour-basis", "rgb", "--chroma-rate", "0.3"], "opponent colour basis"),
+    "grey for a grey code": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--grey"], "grey images already"),
+    "chroma rate for a grey reconstruction": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--grey", "--chroma-rate", "0.3"], "--grey reconstructs grey ones"),
+    "colour TV for a grey reconstruction": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--grey", "--tv-chroma", "1"], "--grey reconstructs grey images"),
     "unknown colour basis": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--colour-basis", "hsv"], "invalid choice"),
     "weights for a model without": (lambda t, p: ["layers", "hog", "--weights", "random"], "has no weights"),
     "nan pixel in a float image": (lambda t, p: ["invert", _float_tiff(t / "nan.tiff", float("nan")), "--rep", "tiny:conv1", "--out", t / "o.png"], "NaN or infinite"),

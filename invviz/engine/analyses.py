@@ -22,6 +22,7 @@ from .loop import (
     Settings,
     Step,
     StopSignal,
+    image_channels,
     invert,
     polishing,
     random_start,
@@ -212,7 +213,7 @@ def channel_gallery(
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
 
     count = len(channels)
-    colour = 1 if rep.grayscale else 3
+    colour = image_channels(rep, settings)
     assert settings.start_noise is not None
     starts = random_start(count, colour, height, width, settings.seed, settings.start_noise)
     images = torch.zeros(count, 3, height, width)

@@ -83,12 +83,13 @@ def polish(
     frozen: Tensor | None = None,
     seed: int = 0,
     on_round: Callable[[int, Tensor, list[float]], bool] | None = None,
+    grey: bool = False,
 ) -> tuple[Tensor, int]:
     """``images`` ``(B, 3, H, W)`` in [0, 1], rounded to 8 bits and polished for ``rounds`` rounds.
 
     ``target`` ``(B or 1, C, H', W')`` is the code to match (``mask``, broadcastable to it, selects
     the entries that count); ``frozen`` ``(B, H, W)`` marks pixels left as rounded (flat regions).
-    Grayscale representations move the three channels together. ``on_round(done, images, errors)``
+    Grayscale representations, and ``grey`` images, move the three channels together. ``on_round(done, images, errors)``
     is called after each round with the relative feature error of each image, and ends the search
     by returning True. Returns the 8-bit-exact images (multiples of 1/255), whose error is never
     above the rounded input's, and the number of rounds done.
@@ -97,7 +98,7 @@ def polish(
         raise ValueError("polishing needs images (B, 3, H, W) and a spatial code (B, C, H', W')")
     batch, _, height, width = images.shape
     device = images.device
-    channels = 1 if rep.grayscale else 3
+    channels = 1 if rep.grayscale or grey else 3
     unrounded = images[:, :channels].clamp(0, 1) * 255
     if rounds < 1:
         return _rgb(torch.round(unrounded) / 255), 0
