@@ -64,6 +64,20 @@ def test_explorer_runs_and_shows_images(explorer: Explorer) -> None:
     assert explorer.status.startswith("done") and not explorer.running and explorer.progress == 1.0
 
 
+def test_explorer_grey_reconstructs_a_grey_image(explorer: Explorer) -> None:
+    explorer.grey = True
+    explorer.run()
+    explorer.wait(60)
+    pixels = decode_png(explorer.reconstruction).astype(int)
+    assert explorer.error == "" and explorer.result is not None and explorer.result.settings.grey
+    assert pixels.std() > 0 and (pixels == pixels[..., :1]).all()
+    assert not explorer._grey_box.disabled
+    explorer.model = "hog"  # grey anyway: the box is off, and the setting is not passed on
+    explorer.wait(60)
+    assert explorer._grey_box.disabled and explorer.error == ""
+    assert explorer.result is not None and not explorer.result.settings.grey
+
+
 def test_slider_change_supersedes_the_running_job(explorer: Explorer) -> None:
     explorer.iters = 2000  # long enough to be caught running (also schedules a run)
     explorer.run()
