@@ -1,4 +1,5 @@
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -408,6 +409,27 @@ def test_grey_reconstructs_grey_images_closer_to_a_grey_photos_code() -> None:
     assert result.images.shape == (2, 3, 32, 32) and bool((result.images.std(1) == 0).all())
     gallery = channel_gallery(tiny, photo, [0, 1], settings=Settings(iters=2, grey=True, polish=2), device="cpu")
     assert bool((gallery.images.std(1) == 0).all())
+
+
+def test_grey_with_adam_steps_as_on_one_grey_channel(monkeypatch) -> None:
+    """With Adam, Settings.grey keeps 3 channels (the kernels' fast path) and moves them along the
+    grey axis alone; that is the same inversion as one grey channel shown as RGB, the path the
+    paper's optimizer takes."""
+    from invviz.engine import loop
+
+    rep = representation("efficientnet_lite0:blocks.1")
+    photo = sample_image("coffee", 48)
+    settings = Settings(iters=15, grey=True, start_noise=0.02)
+    assert loop.image_channels(rep, settings) == 3
+    assert loop.image_channels(rep, replace(settings, optimizer="paper")) == 1
+    three = invert(rep, photo, settings=settings, device="cpu")
+    monkeypatch.setattr(loop, "image_channels", lambda rep, settings: 1)
+    one = invert(rep, photo, settings=settings, device="cpu")
+    assert bool((three.images.std(1) == 0).all())
+    torch.testing.assert_close(three.images, one.images, atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    paper = invert(rep, photo, settings=replace(settings, optimizer="paper"), device="cpu")
+    assert bool((paper.images.std(1) == 0).all()) and paper.feature_error[0] < 1
 
 
 def test_the_colour_basis_defaults_to_opponent_except_at_lite0_head() -> None:

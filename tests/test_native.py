@@ -115,6 +115,9 @@ def test_the_opponent_basis_is_grey_and_two_orthogonal_colour_axes() -> None:
     opponent = Settings(colour_basis="opponent")
     for settings, channels in ((Settings(colour_basis="rgb"), 3), (replace(opponent, optimizer="paper"), 3), (opponent, 1)):
         assert colour_basis(settings, channels) is None
+    grey = colour_basis(Settings(grey=True, colour_basis="rgb"), 3)  # grey: the grey axis alone, whatever the basis
+    assert grey is not None and torch.equal(grey, torch.tensor([[1.0, 0.0, 0.0]] * 3))
+    assert colour_basis(Settings(grey=True, optimizer="paper"), 3) is None
 
 
 def test_colour_adam_with_the_identity_basis_is_torch_adam() -> None:
@@ -131,11 +134,11 @@ def test_colour_adam_with_the_identity_basis_is_torch_adam() -> None:
     assert torch.allclose(ours.detach(), reference.detach(), atol=1e-6)
 
 
-@pytest.mark.parametrize("basis", ["rgb", "opponent"])
+@pytest.mark.parametrize("basis", ["rgb", "opponent", "grey"])
 def test_a_native_step_equals_the_torch_step(basis) -> None:
     """Same start, same objective: the native pyramid, priors, level gradients and Adam (per
-    channel, or in the opponent colour basis) give the torch path's image, gradients and updated
-    levels."""
+    channel, in the opponent colour basis, or along the grey axis alone) give the torch path's
+    image, gradients and updated levels."""
     rep = representation("efficientnet_lite0:blocks.1")
     photo = sample_image("chelsea", 40)
     settings = Settings(iters=3, tv_chroma=2.0).resolved(rep)  # the colour-weighted TV, too
@@ -147,7 +150,8 @@ def test_a_native_step_equals_the_torch_step(basis) -> None:
     tv, alpha = objective.terms[1], objective.terms[2]
     torch_priors: list[float] = []  # the torch path's TV and α values, unweighted
     results = []
-    colours = colour_basis(replace(settings, colour_basis=basis), 3)
+    grey = basis == "grey"
+    colours = colour_basis(replace(settings, colour_basis="opponent" if grey else basis, grey=grey), 3)
     for native in (False, True):
         pyramid = _Pyramid(start, 3, native, colours)
         with torch.no_grad():

@@ -215,7 +215,7 @@ def channel_gallery(
     count = len(channels)
     colour = image_channels(rep, settings)
     assert settings.start_noise is not None
-    starts = random_start(count, colour, height, width, settings.seed, settings.start_noise)
+    starts = random_start(count, colour, height, width, settings.seed, settings.start_noise, grey=settings.grey)
     images = torch.zeros(count, 3, height, width)
     errors = [math.nan] * count
     began = time.perf_counter()

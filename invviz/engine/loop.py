@@ -128,13 +128,13 @@ class Settings:
       0.115 / 0.112 / 0.110 on the colour photos (rocket's blue sky needs its colour: 0.201 /
       0.181 / 0.155) and 0.141 / 0.147 / 0.152 on the grey ones.
     - ``grey``: reconstruct a grey image (one brightness channel shown as R = G = B), for codes
-      of grey photos. The code does not say that its photo was grey, and from a colourful start
-      the engine finds tinted images that match it about as well but reach lower errors more
-      slowly: at 200 steps on the 7 grey scikit-image photos (camera, moon, coins, grass,
-      gravel, brick, clock; 8-bit PNG, one thread) the mean error went 0.166 → 0.141 at
-      ``blocks.4`` (moon 0.160 → 0.101, clock 0.218 → 0.166) and 0.157 → 0.140 at ``blocks.10``.
-      A step costs more (~15 % at ``blocks.4`` on the CPU: the kernels do not write the network's
-      3-channel input from a 1-channel image). ``colour_basis`` and ``chroma_rate`` then do
+      of grey photos. The code does not say that its photo was grey; reconstructed in colour it
+      comes back tinted and its error falls more slowly: at 200 steps on the 7 grey scikit-image photos (camera, moon, coins, grass,
+      gravel, brick, clock; 8-bit PNG) the mean error went 0.166 → 0.142 at
+      ``blocks.4`` (moon 0.160 → 0.101, clock 0.218 → 0.166) and 0.159 → 0.140 at ``blocks.10``.
+      With Adam the images keep three equal channels that move along the grey axis alone (see
+      ``colour_basis``), the same steps as on one grey channel at the colour step's cost; the
+      paper's optimizer works on one channel. ``colour_basis`` and ``chroma_rate`` then do
       nothing. Grayscale representations (HOG, HOGb, DSIFT) reconstruct grey images anyway.
     - ``polish``: rounds of 8-bit polishing after the last step (``engine.polish``): the result is
       rounded to 8 bits, as a PNG stores it, and searched on that grid, one level at a time, block
@@ -372,31 +372,42 @@ def _masked_area_ratio(rep: Representation, mask: Tensor | None, target: Tensor,
 
 
 def random_start(
-    batch: int, channels: int, height: int, width: int, seed: int, deviation: float = START_NOISE
+    batch: int, channels: int, height: int, width: int, seed: int, deviation: float = START_NOISE, grey: bool = False
 ) -> Tensor:
-    """Seeded start images ``(B, C, H, W)``: the mean pixel plus Gaussian noise of ``deviation``."""
+    """Seeded start images ``(B, C, H, W)``: the mean pixel plus Gaussian noise of ``deviation``;
+    with ``grey`` (or one channel) the mean pixel's brightness plus the same noise in every channel."""
     generator = torch.Generator().manual_seed(seed)
+    if grey or channels == 1:
+        noise = torch.randn(batch, 1, height, width, generator=generator) * deviation
+        return (noise + torch.tensor(MEAN_PIXEL).mean()).clamp(0, 1).expand(-1, channels, -1, -1).contiguous()
     noise = torch.randn(batch, channels, height, width, generator=generator) * deviation
-    mean = torch.tensor(MEAN_PIXEL).mean() if channels == 1 else torch.tensor(MEAN_PIXEL).view(3, 1, 1)
-    return (noise + mean).clamp(0, 1)
+    return (noise + torch.tensor(MEAN_PIXEL).view(3, 1, 1)).clamp(0, 1)
 
 
 def image_channels(rep: Representation, settings: Settings) -> int:
     """Channels of the images the engine optimizes: 1 (grey, shown as RGB) for grayscale
-    representations and with ``settings.grey``, else 3."""
-    return 1 if rep.grayscale or settings.grey else 3
+    representations and for ``settings.grey`` without Adam, else 3 (``settings.grey`` with Adam:
+    grey RGB images that Adam moves along the grey axis only, see ``colour_basis``)."""
+    return 1 if rep.grayscale or (settings.grey and settings.optimizer != "adam") else 3
 
 
 def colour_basis(settings: Settings, channels: int) -> Tensor | None:
     """The 3 × 3 basis Adam steps in (``basis[r, k]``: colour r of axis k; see
-    ``Settings.colour_basis``), or ``None`` for steps per channel.
+    ``Settings.colour_basis``), or ``None`` for steps per channel. With ``settings.grey``: the grey
+    axis alone.
 
     Columns: the grey axis ``(1, 1, 1)/√3`` and the colour-opponent axes ``(1, −1, 0)/√2`` (red
     against green) and ``(1, 1, −2)/√6`` (yellow against blue), these two times ``chroma_rate``.
     Adam on coordinates ``p`` of levels ``x = basis @ p`` sees the gradient ``basis.T @ g`` and moves
     ``x`` by ``basis @ d`` for its step ``d``.
     """
-    if settings.colour_basis != "opponent" or settings.optimizer != "adam" or channels != 3:
+    if settings.optimizer != "adam" or channels != 3:
+        return None
+    if settings.grey:
+        # Only the grey axis, unnormalized: Adam sees R + G + B and moves each channel as far, the
+        # steps it takes on one grey channel (the kernels' fast 3-channel path, same results).
+        return torch.tensor([[1.0, 0.0, 0.0]] * 3)
+    if settings.colour_basis != "opponent":
         return None
     axes = torch.tensor(
         [[1 / math.sqrt(3), 1 / math.sqrt(2), 1 / math.sqrt(6)],
@@ -788,8 +799,11 @@ def invert(
 
     channels = image_channels(rep, settings)
     if init is not None and settings.grey and init.dim() == 4 and init.shape[1] == 3:
-        init = init.mean(1, keepdim=True)  # a colour start for a grey inversion: its brightness
-    start = init if init is not None else random_start(batch, channels, height, width, settings.seed, settings.start_noise)
+        # A colour start for a grey inversion: its brightness.
+        init = init.mean(1, keepdim=True).expand(-1, channels, -1, -1).contiguous()
+    start = init if init is not None else random_start(
+        batch, channels, height, width, settings.seed, settings.start_noise, grey=settings.grey
+    )
     if start.shape[1:] != (channels, height, width) or start.shape[0] != batch:
         raise ValueError(f"init must be {(batch, channels, height, width)}, got {tuple(start.shape)}")
     start = start.to(dev, torch.float32)
@@ -877,7 +891,7 @@ def invert(
         frozen = None if flat is None else (flat.ids > 0).view(-1, height, width)
         images, polished = polish(
             rep, images, target, polish_rounds, mask=mask, frozen=frozen, seed=settings.seed, on_round=on_round,
-            grey=channels == 1,
+            grey=settings.grey,
         )
         stopped = polished < polish_rounds
     with torch.no_grad():
