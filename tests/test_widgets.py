@@ -68,9 +68,8 @@ def test_explorer_grey_reconstructs_a_grey_image(explorer: Explorer) -> None:
     explorer.grey = True
     explorer.run()
     explorer.wait(60)
-    pixels = decode_png(explorer.reconstruction).astype(int)
     assert explorer.error == "" and explorer.result is not None and explorer.result.settings.grey
-    assert pixels.std() > 0 and (pixels == pixels[..., :1]).all()
+    assert _is_grey(decode_png(explorer.reconstruction))
     assert not explorer._grey_box.disabled
     explorer.model = "hog"  # grey anyway: the box is off, and the setting is not passed on
     explorer.wait(60)
@@ -288,8 +287,25 @@ def test_restarts_view_shows_k_different_reconstructions() -> None:
         view.k = 2
         view.wait(60)
         assert len(view.tiles) == 2
+        view.grey = True  # re-runs, grey
+        view.wait(60)
+        assert view.error == "" and all(_is_grey(decode_png(tile)) for tile in view.tiles)
     finally:
         view.close()
+
+
+def test_gallery_grey_switch() -> None:
+    gallery = ChannelGallery(size=32, iters=3, channels="0-1", grey=True, autorun=False)
+    try:
+        gallery.run()
+        gallery.wait(60)
+        assert gallery.error == "" and all(_is_grey(decode_png(tile)) for tile in gallery.tiles)
+    finally:
+        gallery.close()
+
+
+def _is_grey(pixels: Any) -> bool:
+    return bool(pixels.std() > 0 and (pixels == pixels[..., :1]).all())
 
 
 def test_notebook_runs(tmp_path: Path) -> None:

@@ -121,8 +121,9 @@ class InversionWidget(widgets.VBox, Generic[Result]):
     status = traitlets.Unicode("", help="one line about the current job")
     error = traitlets.Unicode("", help="the last error, shown in the widget; empty when all is well")
     original = traitlets.Bytes(b"", help="PNG of the image being inverted")
+    grey = traitlets.Bool(False, help="reconstruct grey images (for grey photos; see Settings.grey)")
 
-    rerun_on: tuple[str, ...] = ("image_name", "model", "layer", "iters")
+    rerun_on: tuple[str, ...] = ("image_name", "model", "layer", "iters", "grey")
     #: snapshots per second of this widget's jobs (``None``: the engine's rate).
     snapshot_rate: float | None = None
 
@@ -248,7 +249,13 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         spec = self.spec
         if spec not in self._representations:
             self._representations[spec] = representation(spec).to(self.engine.device)
-        return self._representations[spec]
+        rep = self._representations[spec]
+        self._grey_box.disabled = rep.grayscale  # HOG and SIFT reconstruct grey images anyway
+        return rep
+
+    def _grey(self, rep: Representation) -> bool:
+        """``Settings.grey`` for ``rep``: the switch, where the representation is not grey anyway."""
+        return self.grey and not rep.grayscale
 
     def _image(self) -> torch.Tensor:
         """The current image ``(3, size, size)`` in [0, 1] (cached); keeps ``original`` in step."""
@@ -268,13 +275,14 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         return image
 
     def _source_controls(self) -> widgets.VBox:
-        """Image chooser and upload, model dropdown, layer slider, iterations."""
+        """Image chooser and upload, model dropdown, layer slider, iterations, the grey switch."""
         return widgets.VBox(
             [
                 widgets.HBox([self._image_choice, self._upload]),
                 self._model_choice,
                 self._layer_slider,
                 self._iters_slider,
+                self._grey_box,
             ]
         )
 
@@ -314,11 +322,13 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         self._iters_slider = widgets.IntSlider(
             min=1, max=1000, description="iterations", continuous_update=False, **wide
         )
+        self._grey_box = widgets.Checkbox(description="grey reconstruction", indent=False)
         for trait, control in [
             ("image_name", self._image_choice),
             ("model", self._model_choice),
             ("layer", self._layer_slider),
             ("iters", self._iters_slider),
+            ("grey", self._grey_box),
         ]:
             traitlets.link((self, trait), (control, "value"))
         self._upload.observe(self._reporting(self._on_upload), names=["value"])

@@ -44,7 +44,6 @@ class Explorer(InversionWidget[InversionResult]):
     alpha_weight = traitlets.Float(1e-4, help="weight of the α-norm prior")
     alpha = traitlets.Float(6.0, help="α of the α-norm prior")
     jitter = traitlets.Int(0, min=0, help="largest random shift per step in pixels (0: off)")
-    grey = traitlets.Bool(False, help="reconstruct a grey image (for grey photos; see Settings.grey)")
     seed = traitlets.Int(0, min=0)
     mask = traitlets.List(
         traitlets.List(traitlets.Bool()), help="selected code cells, rows × cols (empty: all)"
@@ -68,7 +67,6 @@ class Explorer(InversionWidget[InversionResult]):
         "alpha_weight",
         "alpha",
         "jitter",
-        "grey",
         "seed",
         "mask",
     )
@@ -135,7 +133,7 @@ class Explorer(InversionWidget[InversionResult]):
             alpha=self.alpha,
             jitter=self.jitter,
             seed=self.seed,
-            grey=self.grey and not rep.grayscale,
+            grey=self._grey(rep),
         )
         mask = self._code_mask()
         device = self.engine.device
@@ -195,7 +193,6 @@ class Explorer(InversionWidget[InversionResult]):
                     self.tv_weight = rep.default_tv_weight()
                 if self._follows_layer["tv_chroma"]:
                     self.tv_chroma = rep.default_tv_chroma()
-            self._grey_box.disabled = rep.grayscale  # HOG and SIFT reconstruct grey images anyway
         return rep, image
 
     def _show_activation(self) -> None:
@@ -271,9 +268,6 @@ class Explorer(InversionWidget[InversionResult]):
             slider(widgets.FloatSlider, "alpha", "α", min=1.0, max=12.0, step=0.5),
             slider(widgets.IntSlider, "jitter", "jitter (px)", min=0, max=32),
         ]
-        self._grey_box = widgets.Checkbox(description="grey reconstruction", indent=False)
-        traitlets.link((self, "grey"), (self._grey_box, "value"))
-        sliders.append(self._grey_box)
         self._channel_slider = slider(widgets.IntSlider, "channel", "channel (−1: all)", min=-1, max=-1)
 
         self._loss_plot = widgets.HTML(loss_svg([], [], total=self.iters))

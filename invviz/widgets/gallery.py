@@ -80,7 +80,7 @@ class ChannelGallery(InversionWidget[GalleryResult]):
         rep, image = self._representation(), self._image()
         self._code = code_array(rep, image)
         channels = parse_channels(self.channels, self._code.shape[0])
-        settings = Settings(iters=self.iters)
+        settings = Settings(iters=self.iters, grey=self._grey(rep))
         with self.grid.hold_sync():
             self.grid.tiles = [b""] * len(channels)
             self.grid.labels = [f"ch {channel}" for channel in channels]

@@ -95,7 +95,7 @@ class RestartsView(InversionWidget[RestartsOutcome]):
 
     def _prepare(self) -> Work[RestartsOutcome]:
         rep, image = self._representation(), self._image()
-        settings = Settings(iters=self.iters, seed=self.seed)
+        settings = Settings(iters=self.iters, seed=self.seed, grey=self._grey(rep))
         k = self.k
         with self.grid.hold_sync():
             self.grid.tiles = [b""] * k
