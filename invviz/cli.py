@@ -272,6 +272,9 @@ def _invert_command(args: argparse.Namespace) -> None:
     image = load_image(args.image, args.size or rep.native_size)
     if args.jitter >= max(image.shape[1:]):
         raise UsageError(f"--jitter must be smaller than the image ({image.shape[1]}×{image.shape[2]}), got {args.jitter}")
+    if not args.grey and not rep.grayscale and bool((image == image[:1]).all()):
+        # The engine only sees the code, which does not say so; the user may want to.
+        print(f"note: {args.image} is grey; --grey reconstructs a grey image (lower error on grey photos)", file=sys.stderr)
     settings = Settings(
         iters=args.iters,
         optimizer=args.optimizer,

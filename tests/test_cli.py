@@ -58,6 +58,16 @@ def test_invert_grey_writes_a_grey_png_and_says_so_in_the_metrics(tmp_path, phot
     assert json.loads(metrics.read_text())["settings"]["grey"] is True
 
 
+def test_invert_of_a_grey_image_mentions_grey(tmp_path, capsys) -> None:
+    path = tmp_path / "grey.png"
+    Image.open(sample_path("coffee")).convert("L").resize((40, 40)).save(path)
+    args = ["invert", path, "--rep", "tiny:conv2", "--out", tmp_path / "o.png", "--iters", "2", "--quiet"]
+    code, _, stderr = run_cli(capsys, *args)
+    assert code == 0 and stderr.count("\n") == 1 and "--grey reconstructs a grey image" in stderr
+    code, _, stderr = run_cli(capsys, *args, "--grey")
+    assert code == 0 and stderr == ""
+
+
 def test_image_already_at_size_is_used_unchanged(tmp_path, capsys) -> None:
     rng = np.random.default_rng(0)
     path = tmp_path / "exact.png"
