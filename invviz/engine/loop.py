@@ -129,9 +129,10 @@ class Settings:
       0.181 / 0.155) and 0.141 / 0.147 / 0.152 on the grey ones.
     - ``grey``: reconstruct a grey image (one brightness channel shown as R = G = B), for codes
       of grey photos. The code does not say that its photo was grey; reconstructed in colour it
-      comes back tinted and its error falls more slowly: at 200 steps on the 7 grey scikit-image photos (camera, moon, coins, grass,
-      gravel, brick, clock; 8-bit PNG) the mean error went 0.166 → 0.142 at
-      ``blocks.4`` (moon 0.160 → 0.101, clock 0.218 → 0.166) and 0.159 → 0.140 at ``blocks.10``.
+      comes back tinted and its error falls more slowly: at 200 steps on the 7 grey scikit-image
+      photos (camera, moon, coins, grass, gravel, brick, clock; 8-bit PNG) the mean error went
+      0.166 → 0.142 at ``blocks.4`` (moon 0.160 → 0.103, clock 0.218 → 0.167) and 0.159 → 0.140
+      at ``blocks.10``.
       With Adam the images keep three equal channels that move along the grey axis alone (see
       ``colour_basis``), the same steps as on one grey channel at the colour step's cost; the
       paper's optimizer works on one channel. ``colour_basis`` and ``chroma_rate`` then do

@@ -89,9 +89,9 @@ def polish(
 
     ``target`` ``(B or 1, C, H', W')`` is the code to match (``mask``, broadcastable to it, selects
     the entries that count); ``frozen`` ``(B, H, W)`` marks pixels left as rounded (flat regions).
-    Grayscale representations, and ``grey`` images, move the three channels together. ``on_round(done, images, errors)``
-    is called after each round with the relative feature error of each image, and ends the search
-    by returning True. Returns the 8-bit-exact images (multiples of 1/255), whose error is never
+    Grayscale representations, and ``grey`` images, move the three channels together.
+    ``on_round(done, images, errors)`` is called after each round with the relative feature error
+    of each image, and ends the search by returning True. Returns the 8-bit-exact images (multiples of 1/255), whose error is never
     above the rounded input's, and the number of rounds done.
     """
     if images.dim() != 4 or target.dim() != 4:
