@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from photos import SKIMAGE_PHOTOS, photo, photo_names
+from photos import GREY_PHOTOS, SKIMAGE_PHOTOS, photo, photo_names
 
 from invviz import Settings, invert, representation, roughness
 from invviz.demo import DEMO_LAYERS
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
     parser.add_argument(
         "--images",
-        help=f"comma-separated photos, or 'held-out' or 'grey' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS)})",
+        help=f"comma-separated photos, or 'held-out' or 'grey' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS + GREY_PHOTOS)})",
     )
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--no-baseline", action="store_true")

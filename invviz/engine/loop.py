@@ -115,10 +115,11 @@ class Settings:
       3-channel images; ``None``: the representation's default (``"opponent"``, except ``"rgb"`` at
       Lite0's ``head``, where it measured worse). ``"opponent"``: brightness (the grey axis) and
       two colour-opponent axes, an orthonormal basis, with the colour axes' steps scaled by
-      ``chroma_rate``; ``"rgb"``: R, G and B as they are (the engine before this option). Adam normalizes each coordinate's
-      step on its own, so in RGB a weak colour component of the gradient moved the pixels as far
-      as a strong brightness one, and a large colour gradient (the network's first filters are
-      colour-opponent) inflated each channel's second moment and slowed its brightness steps.
+      ``chroma_rate``; ``"rgb"``: R, G and B as they are (the engine before this option). Adam
+      normalizes each coordinate's step on its own, so in RGB a weak colour component of the
+      gradient moved the pixels as far as a strong brightness one, and a large colour gradient
+      (the network's first filters are colour-opponent) inflated each channel's second moment and
+      slowed its brightness steps.
       Grey photos came back tinted and their error stalled: at ``blocks.4`` (200 steps, 8 grey or
       mostly grey scikit-image photos: camera, moon, coins, grass, gravel, brick, cat, clock) the
       mean error went 0.189 → 0.152, and on the 8 colour photos it fell too, 0.121 → 0.110 (torch
@@ -132,11 +133,11 @@ class Settings:
       comes back tinted and its error falls more slowly: at 200 steps on the 7 grey scikit-image
       photos (camera, moon, coins, grass, gravel, brick, clock; 8-bit PNG) the mean error went
       0.166 → 0.142 at ``blocks.4`` (moon 0.160 → 0.103, clock 0.218 → 0.167) and 0.159 → 0.140
-      at ``blocks.10``.
-      With Adam the images keep three equal channels that move along the grey axis alone (see
-      ``colour_basis``), the same steps as on one grey channel at the colour step's cost; the
-      paper's optimizer works on one channel. ``colour_basis`` and ``chroma_rate`` then do
-      nothing. Grayscale representations (HOG, HOGb, DSIFT) reconstruct grey images anyway.
+      at ``blocks.10``. With Adam the images keep three equal channels that move along the grey
+      axis alone (see ``colour_basis``), the same steps as on one grey channel at the colour
+      step's cost; the paper's optimizer works on one channel. ``colour_basis`` and
+      ``chroma_rate`` then do nothing. Grayscale representations (HOG, HOGb, DSIFT) reconstruct
+      grey images anyway.
     - ``polish``: rounds of 8-bit polishing after the last step (``engine.polish``): the result is
       rounded to 8 bits, as a PNG stores it, and searched on that grid, one level at a time, block
       by block, keeping only moves that lower the true feature error. The result is then exactly

@@ -91,8 +91,9 @@ def polish(
     the entries that count); ``frozen`` ``(B, H, W)`` marks pixels left as rounded (flat regions).
     Grayscale representations, and ``grey`` images, move the three channels together.
     ``on_round(done, images, errors)`` is called after each round with the relative feature error
-    of each image, and ends the search by returning True. Returns the 8-bit-exact images (multiples of 1/255), whose error is never
-    above the rounded input's, and the number of rounds done.
+    of each image, and ends the search by returning True. Returns the 8-bit-exact images
+    (multiples of 1/255), whose error is never above the rounded input's, and the number of rounds
+    done.
     """
     if images.dim() != 4 or target.dim() != 4:
         raise ValueError("polishing needs images (B, 3, H, W) and a spatial code (B, C, H', W')")
