@@ -109,13 +109,18 @@ def per_iteration_cost(layer: str, device: str, repeats: int = 40) -> dict[str, 
     return {name: statistics.median(values[5:]) for name, values in times.items()}
 
 
+def _pair(values: list[float], digits: int) -> str:
+    """``mean/max`` of ``values``, each to ``digits`` decimals."""
+    return f"{statistics.mean(values):.{digits}f}/{max(values):.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every layer stem…head and all four photos")
     parser.add_argument("--layers", help="comma-separated layers (default: the demo's six)")
     parser.add_argument(
         "--images",
-        help=f"comma-separated photos, or 'held-out' or 'grey' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS + GREY_PHOTOS)})",
+        help=f"comma-separated photos, or a set: 'colour' (the 8 colour photos), 'held-out', 'grey' (default: chelsea,coffee; any of {','.join(SKIMAGE_PHOTOS + GREY_PHOTOS)})",
     )
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     parser.add_argument("--no-baseline", action="store_true")
@@ -148,10 +153,10 @@ def main() -> None:
                 naive_rough.append(roughness(quantized(baseline)) / roughness(original))
         row = (
             f"| {layer:<9} | {args.iters:>5} | {statistics.mean(seconds):>11.1f} | "
-            f"{statistics.mean(errors):>6.3f}/{max(errors):.3f} | {statistics.mean(rough):>5.2f}/{max(rough):.2f} |"
+            f"{_pair(errors, 3):>13} | {_pair(rough, 2):>11} |"
         )
         if not args.no_baseline:
-            row += f" {statistics.mean(naive_errors):>6.3f}/{max(naive_errors):.3f} | {statistics.mean(naive_rough):>5.2f}/{max(naive_rough):>5.2f} |"
+            row += f" {_pair(naive_errors, 3):>13} | {_pair(naive_rough, 2):>12} |"
         print(row, flush=True)
 
     print("\nPer-iteration cost (224², batch 1): engine step vs bare forward+backward of the truncated net")

@@ -19,11 +19,11 @@ HELD_OUT = tuple(name for name in SKIMAGE_PHOTOS if name not in SAMPLES)
 #: scikit-image's grey photos (also in its wheel): smooth ones and textures.
 GREY_PHOTOS = ("camera", "moon", "coins", "grass", "gravel", "brick", "clock")
 #: Named sets for ``--images``.
-PHOTO_SETS = {"held-out": HELD_OUT, "grey": GREY_PHOTOS}
+PHOTO_SETS = {"colour": SKIMAGE_PHOTOS, "held-out": HELD_OUT, "grey": GREY_PHOTOS}
 
 
 def photo_names(spec: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
-    """``--images``: a named set (``held-out``, ``grey``), comma-separated photos, or ``default``."""
+    """``--images``: a named set (``colour``, ``held-out``, ``grey``), comma-separated photos, or ``default``."""
     if not spec:
         return default
     return PHOTO_SETS.get(spec) or tuple(spec.split(","))

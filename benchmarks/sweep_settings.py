@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="blocks.4,head", help="comma-separated Lite0 layers")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2", help="settings to sweep")
-    parser.add_argument("--images", help="comma-separated photos, or 'held-out' or 'grey' (default: all 8)")
+    parser.add_argument("--images", help="comma-separated photos, or a set: 'colour' (the 8 colour photos), 'held-out', 'grey' (default: all 8)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -90,7 +90,7 @@ def main() -> None:
             meet = sum(e <= ERROR_BOUND and r <= ROUGHNESS_BOUND for e, r in zip(errors, rough))
             label = ", ".join(f"{key}={value}" for key, value in overrides.items()) or "defaults"
             print(
-                f"| {layer:<9} | {label:<34} | {statistics.mean(errors):>6.3f}/{max(errors):.3f} | "
+                f"| {layer:<9} | {label:<34} | {f'{statistics.mean(errors):.3f}/{max(errors):.3f}':>14} | "
                 f"{max(rough):>10.2f} | {meet:>2}/{len(names)} | {seconds:>6.1f} |",
                 flush=True,
             )
