@@ -28,8 +28,10 @@ from .engine.jobs import InversionEngine, Job, Progress, Snapshot
 from .images import SAMPLES, image_grid, load_image, png_bytes, roughness, sample_image, save_image
 from .representations import (
     Box,
+    LayerInfo,
     Representation,
     available_models,
+    layer_table,
     model_layers,
     register_representation,
     representation,
@@ -47,6 +49,7 @@ __all__ = [
     "InversionEngine",
     "InversionResult",
     "Job",
+    "LayerInfo",
     "Objective",
     "Progress",
     "Representation",
@@ -61,6 +64,7 @@ __all__ = [
     "feature_error_squared",
     "image_grid",
     "invert",
+    "layer_table",
     "load_image",
     "match",
     "model_layers",

@@ -35,8 +35,9 @@ from .images import image_grid, load_image, save_image
 from .representations import (
     Representation,
     available_models,
-    every_layer,
+    layer_table,
     model_layers,
+    model_native_size,
     model_options,
     representation,
 )
@@ -429,30 +430,18 @@ def _layers_command(args: argparse.Namespace) -> None:
     if args.weights is not None and not takes_weights:
         raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
     options = {"weights": args.weights or "random"} if takes_weights else {}
-    from .representations.torchvision_models import LayerNotRun
-
-    reps = list(every_layer(args.model, **options))  # one network, shared
-    size = args.size or reps[0].native_size or 224
-    rows = []  # all computed before the table starts, so that an error comes alone
-    for rep in reps:
-        try:
-            rows.append((rep.layer, *_layer_row(rep, size)))
-        except LayerNotRun:
-            rows.append((rep.layer, "-", "does not run in inference", ""))
+    size = args.size or model_native_size(args.model) or 224
+    rows = layer_table(args.model, size, **options)  # all computed before the table starts
     print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
-    for layer, shape, field, stride in rows:
-        print(f"{layer:<14} {shape:<18} {field:<16} {stride}".rstrip())
-
-
-def _layer_row(rep: Representation, size: int) -> tuple[str, str, str]:
-    """Code shape, receptive field and stride of ``rep`` at ``size × size``, as printed."""
-    code_shape = rep.code_shape(size, size)
-    shape = "×".join(str(n) for n in code_shape)
-    if not rep.is_spatial:
-        return shape, "whole image", "-"
-    # The centre cell: a corner cell's box is cut by the image where fields are measured.
-    box = rep.receptive_field(code_shape[1] // 2, code_shape[2] // 2, size, size, clip=False)
-    return shape, f"{box.height}×{box.width} px", str(rep.stride(size, size))
+    for row in rows:
+        if row.code_shape is None:
+            shape, field, stride = "-", "does not run in inference", ""
+        else:
+            shape = "×".join(str(n) for n in row.code_shape)
+            box = row.receptive_field
+            field = "whole image" if box is None else f"{box.height}×{box.width} px"
+            stride = "-" if row.stride is None else str(row.stride)
+        print(f"{row.layer:<14} {shape:<18} {field:<16} {stride}".rstrip())
 
 
 def _attach_window_values(argv: list[str]) -> list[str]:

@@ -338,3 +338,49 @@ def test_every_layer_shares_one_frozen_network() -> None:
     assert not generic[0].network.training and generic[0].network is generic[-1].network
     with pytest.raises(ValueError, match="does not take"):
         list(every_layer("alexnet", cell_size=3))
+
+
+def test_shared_measurement_equals_each_layer_alone() -> None:
+    """``layer_table`` measures a torchvision network's layers in one pass per image; every shape,
+    centre field and stride must be what each representation gives alone. resnet18's ``bn1`` is
+    changed in place by the ReLU after it, and googlenet's auxiliary heads do not run."""
+    from invviz.representations import LayerInfo, every_layer, layer_table
+
+    size = 72
+    for model, every in (("resnet18", 1), ("googlenet", 6)):  # googlenet: a sample of its 237 layers
+        table = layer_table(model, size, weights="random")
+        reps = list(every_layer(model, weights="random"))
+        assert [row.layer for row in table] == [rep.layer for rep in reps]
+        for index, (row, rep) in enumerate(zip(table, reps)):
+            if index % every and not rep.layer.startswith("aux"):
+                continue
+            if row.code_shape is None:
+                assert row == LayerInfo(rep.layer, None, None, None)
+                with pytest.raises(ValueError, match="does not run"):
+                    rep.code_shape(size, size)
+                continue
+            shape = rep.code_shape(size, size)
+            assert row.code_shape == shape, rep.layer
+            if not rep.is_spatial:
+                assert row.receptive_field is None and row.stride is None
+                continue
+            expected = rep.receptive_field(shape[1] // 2, shape[2] // 2, size, size)
+            assert (row.receptive_field, row.stride) == (expected, rep.stride(size, size)), rep.layer
+    assert any(row.code_shape is None for row in table), "googlenet's aux heads do not run"
+
+
+def test_layer_table_of_derived_fields() -> None:
+    """Where fields come from the layer graph (AlexNet, Lite0) the table is each layer's own answer,
+    unclipped; HOG has no weights."""
+    from invviz.representations import every_layer, layer_table
+
+    for model, options in (("alexnet", {"weights": "random"}), ("hog", {})):
+        table = layer_table(model, 67, **options)
+        for row, rep in zip(table, every_layer(model, **options)):
+            shape = rep.code_shape(67, 67)
+            assert row.code_shape == shape
+            if rep.is_spatial:
+                box = rep.receptive_field(shape[1] // 2, shape[2] // 2, 67, 67, clip=False)
+                assert (row.receptive_field, row.stride) == (box, rep.stride(67, 67))
+            else:
+                assert row.receptive_field is None

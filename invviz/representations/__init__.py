@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._base import InputLayout, Representation
@@ -16,11 +17,14 @@ from ._geometry import Box, Window
 __all__ = [
     "Box",
     "InputLayout",
+    "LayerInfo",
     "Representation",
     "Window",
     "available_models",
     "every_layer",
+    "layer_table",
     "model_layers",
+    "model_native_size",
     "model_options",
     "register_representation",
     "representation",
@@ -77,6 +81,11 @@ def model_layers(model: str) -> tuple[str, ...]:
     return _lookup(model).layers
 
 
+def model_native_size(model: str) -> int | None:
+    """The input size ``model`` was trained at (``None`` for HOG and SIFT, which have none)."""
+    return _lookup(model).native_size
+
+
 def model_options(model: str) -> tuple[str, ...]:
     """Keyword options ``representation(model, ...)`` accepts (e.g. ``weights``, ``cell_size``)."""
     parameters = inspect.signature(_lookup(model).__init__).parameters
@@ -98,6 +107,59 @@ def every_layer(model: str, **options: Any) -> Iterator[Representation]:
     shared: Any = cls  # a torchvision class, whose constructor takes ``_network``
     for layer in cls.layers:
         yield _frozen(shared(layer, **options, _network=network))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``layer_table``: a layer's code for a square input of ``layer_table``'s size."""
+
+    layer: str
+    #: ``(C, H, W)`` or ``(D,)``; None where the layer does not run in inference (GoogLeNet's aux heads).
+    code_shape: tuple[int, ...] | None
+    #: Input pixels the centre code cell depends on (unclipped where derived from the layer graph);
+    #: None for vector codes and layers that do not run.
+    receptive_field: Box | None
+    #: Input pixels between neighbouring code cells; None for vector codes and layers that do not run.
+    stride: int | None
+
+
+def layer_table(model: str, size: int | None = None, **options: Any) -> list[LayerInfo]:
+    """Every layer of ``model``, shallow to deep, with its code shape, the receptive field of its
+    centre code cell and its stride for a ``size × size`` input (default: the model's native size,
+    else 224); what ``invviz layers`` prints. ``options`` as for ``representation`` (CNNs: pass
+    ``weights="random"`` to need no weights; fields measured from the gradient depend on them).
+
+    Layers of a shared torchvision network are measured together (``measure_layers``: one forward
+    pass per image for all of them), others one by one.
+    """
+    from .torchvision_models import LayerNotRun, TorchvisionModel, measure_layers
+
+    reps = list(every_layer(model, **options))
+    size = size or model_native_size(model) or 224
+    measured = measure_layers([rep for rep in reps if isinstance(rep, TorchvisionModel)], size, size)
+    rows = []
+    for rep in reps:
+        if rep.layer in measured:
+            found = measured[rep.layer]
+            if found is None:
+                rows.append(LayerInfo(rep.layer, None, None, None))
+            else:
+                shape, _, box = found
+                stride = None if box is None else TorchvisionModel.stride_of(size, shape)
+                rows.append(LayerInfo(rep.layer, shape, box, stride))
+            continue
+        try:
+            shape = rep.code_shape(size, size)
+        except LayerNotRun:
+            rows.append(LayerInfo(rep.layer, None, None, None))
+            continue
+        if not rep.is_spatial:
+            rows.append(LayerInfo(rep.layer, shape, None, None))
+            continue
+        # The centre cell: a corner cell's box is cut by the image where fields are measured.
+        box = rep.receptive_field(shape[1] // 2, shape[2] // 2, size, size, clip=False)
+        rows.append(LayerInfo(rep.layer, shape, box, rep.stride(size, size)))
+    return rows
 
 
 def parse_spec(spec: str, layer: str | None = None) -> tuple[str, str]:
