@@ -384,3 +384,29 @@ def test_layer_table_of_derived_fields() -> None:
                 assert (row.receptive_field, row.stride) == (box, rep.stride(67, 67))
             else:
                 assert row.receptive_field is None
+
+
+def test_models_that_need_no_torchvision_do_not_import_it() -> None:
+    """The registry imports a built-in model's module when the model is first asked for: importing
+    torchvision costs ~1.2 s of every Lite0, HOG or SIFT command."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, invviz\n"
+        "for spec in ('efficientnet_lite0:blocks.4', 'hog', 'hogb', 'dsift'):\n"
+        "    invviz.representation(spec)\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+        "invviz.representation('resnet18:layer1', weights='random')\n"
+        "assert 'torchvision' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_builtin_table_names_every_registered_model() -> None:
+    from invviz.representations import _BUILTIN, _REGISTRY, available_models
+
+    models = available_models()  # imports every built-in module
+    builtin = {name: cls.__module__.rsplit(".", 1)[1] for name, cls in _REGISTRY.items() if cls.__module__.startswith("invviz.")}
+    assert builtin == _BUILTIN and set(_BUILTIN) <= set(models)

@@ -6,12 +6,13 @@ weights="random")`` or ``representation("hog", cell_size=8)``.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._base import InputLayout, Representation
+from ._base import InputLayout, LayerNotRun, Representation
 from ._geometry import Box, Window
 
 __all__ = [
@@ -34,7 +35,6 @@ RepresentationType = TypeVar("RepresentationType", bound=type[Representation])
 
 _REGISTRY: dict[str, type[Representation]] = {}
 _FALLBACKS: list[Callable[[str], type[Representation] | None]] = []
-_LOADED = False
 
 
 def register_representation(name: str) -> Callable[[RepresentationType], RepresentationType]:
@@ -48,15 +48,28 @@ def register_representation(name: str) -> Callable[[RepresentationType], Represe
     return decorate
 
 
-def _load_builtin() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    # Importing registers; kept lazy so `import invviz` stays quick.
-    from . import dsift, efficientnet, hog, torchvision_models  # noqa: F401
+#: The module that registers each built-in model. A module is imported when one of its models is
+#: first asked for: importing torchvision alone takes ~1.2 s, which Lite0, HOG and SIFT do not need.
+_BUILTIN: dict[str, str] = {
+    "efficientnet_lite0": "efficientnet",
+    "hog": "hog",
+    "hogb": "hog",
+    "dsift": "dsift",
+    "alexnet": "torchvision_models",
+    "vgg16": "torchvision_models",
+}
+_IMPORTED: set[str] = set()
 
-    _FALLBACKS.append(torchvision_models.generic_torchvision_class)
+
+def _load_builtin(module: str | None = None) -> None:
+    """Import built-in module ``module`` (all of them with None); importing registers its models."""
+    for name in sorted(set(_BUILTIN.values()) if module is None else {module}):
+        if name in _IMPORTED:
+            continue
+        imported = importlib.import_module(f".{name}", __name__)
+        _IMPORTED.add(name)
+        if name == "torchvision_models":
+            _FALLBACKS.append(imported.generic_torchvision_class)
 
 
 def available_models() -> list[str]:
@@ -66,7 +79,11 @@ def available_models() -> list[str]:
 
 
 def _lookup(model: str) -> type[Representation]:
-    _load_builtin()
+    if model not in _REGISTRY and model in _BUILTIN:
+        _load_builtin(_BUILTIN[model])
+    if model in _REGISTRY:
+        return _REGISTRY[model]
+    _load_builtin()  # any other name may be a torchvision model
     if model in _REGISTRY:
         return _REGISTRY[model]
     for fallback in _FALLBACKS:
@@ -129,24 +146,17 @@ def layer_table(model: str, size: int | None = None, **options: Any) -> list[Lay
     else 224); what ``invviz layers`` prints. ``options`` as for ``representation`` (CNNs: pass
     ``weights="random"`` to need no weights; fields measured from the gradient depend on them).
 
-    Layers of a shared torchvision network are measured together (``measure_layers``: one forward
-    pass per image for all of them), others one by one.
+    Layers of a shared torchvision network are measured together (``Representation.measure_layers``:
+    one forward pass per image for all of them), others one by one.
     """
-    from .torchvision_models import LayerNotRun, TorchvisionModel, measure_layers
-
     reps = list(every_layer(model, **options))
     size = size or model_native_size(model) or 224
-    measured = measure_layers([rep for rep in reps if isinstance(rep, TorchvisionModel)], size, size)
+    measured = type(reps[0]).measure_layers(reps, size, size)
     rows = []
     for rep in reps:
         if rep.layer in measured:
             found = measured[rep.layer]
-            if found is None:
-                rows.append(LayerInfo(rep.layer, None, None, None))
-            else:
-                shape, _, box = found
-                stride = None if box is None else TorchvisionModel.stride_of(size, shape)
-                rows.append(LayerInfo(rep.layer, shape, box, stride))
+            rows.append(LayerInfo(rep.layer, None, None, None) if found is None else LayerInfo(rep.layer, *found))
             continue
         try:
             shape = rep.code_shape(size, size)

@@ -61,6 +61,15 @@ class InputLayout:
 ColourBasis = Literal["opponent", "rgb"]
 
 
+class LayerNotRun(ValueError):
+    """The chosen module is not run in inference (e.g. GoogLeNet's auxiliary heads)."""
+
+
+#: What ``Representation.measure_layers`` gives per layer: (code shape, receptive field of the
+#: centre cell and stride, both None for a vector code), or None for a layer that does not run.
+LayerMeasure = tuple[tuple[int, ...], Box | None, int | None] | None
+
+
 class Representation(nn.Module):
     """An image representation Φ: images ``(B, 3, H, W)`` with values in [0, 1] to a code.
 
@@ -214,6 +223,12 @@ class Representation(nn.Module):
         Used by ``Settings.resolved`` when no ``lr`` is given and the optimizer is Adam.
         """
         return None
+
+    @classmethod
+    def measure_layers(cls, reps: Sequence[Representation], height: int, width: int) -> dict[str, LayerMeasure]:
+        """Shapes and centre fields of several layers of one network measured together, for
+        ``layer_table``; layers left out of the result are asked one by one (the default: all)."""
+        return {}
 
     def code_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of the code (without batch) for an input of ``height × width`` pixels."""

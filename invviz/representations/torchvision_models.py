@@ -26,7 +26,14 @@ import torchvision
 from torch import nn
 
 from . import register_representation
-from ._base import InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
+from ._base import (
+    InputLayout,
+    LayerMeasure,
+    LayerNotRun,
+    Representation,
+    channels_last_on_cpu,
+    load_state_dict_file,
+)
 from ._geometry import Box, Window
 
 __all__ = [
@@ -285,10 +292,6 @@ class VGG16(CaffeStyleNet, torchvision_name="vgg16", per_block=True):
 
 
 # --- any torchvision classification model -------------------------------------------------------
-class LayerNotRun(ValueError):
-    """The chosen module is not run in inference (e.g. GoogLeNet's auxiliary heads)."""
-
-
 class _StopForward(Exception):
     """Raised by the capture hook so that nothing after the chosen module runs."""
 
@@ -357,6 +360,11 @@ class TorchvisionModel(_TorchvisionRepresentation):
             return super().stride(height, width)
         return self.stride_of(height, self.code_shape(height, width))
 
+    @classmethod
+    def measure_layers(cls, reps: Sequence[Representation], height: int, width: int) -> dict[str, LayerMeasure]:
+        """All layers at once (see the module function ``measure_layers``)."""
+        return measure_layers([rep for rep in reps if isinstance(rep, TorchvisionModel)], height, width)
+
     @staticmethod
     def stride_of(height: int, code_shape: tuple[int, ...]) -> int:
         """``stride`` for an input ``height`` pixels high whose spatial code has ``code_shape``."""
@@ -404,15 +412,13 @@ class TorchvisionModel(_TorchvisionRepresentation):
         return _support_box(support, height, width)
 
 
-def measure_layers(
-    reps: Sequence[TorchvisionModel], height: int, width: int
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Box | None] | None]:
-    """Code shapes and centre receptive fields of layers that share one network, in one pass each.
+def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) -> dict[str, LayerMeasure]:
+    """Code shapes, centre receptive fields and strides of layers that share one network.
 
-    Per layer: ``(code shape at height × width, code shape at the native size, receptive field of
-    the centre cell, None for a vector code)``, or ``None`` for a layer that does not run in
-    inference; layers whose output is not a tensor are left out. These are the values of each
-    layer's ``code_shape`` and ``receptive_field`` (from the same seeded images), but every layer's
+    Per layer: ``(code shape at height × width, receptive field of the centre cell, stride)``, the
+    last two None for a vector code, or ``None`` for a layer that does not run in inference; layers
+    whose output is not a tensor are left out. These are the values of each layer's ``code_shape``,
+    ``receptive_field`` (from the same seeded images) and ``stride``, but every layer's
     output is captured in one forward pass per image instead of one pass per layer and question:
     ``invviz layers`` took 46 s for googlenet and 50 s for resnet50 that way.
     """
@@ -471,12 +477,15 @@ def measure_layers(
                 del captured
     finally:
         network.train(was_training)
-    return {
-        name: None
-        if name not in shapes
-        else (shapes[name], native_shapes.get(name, shapes[name]), _support_box(support[name], height, width) if name in support else None)
-        for name in names
-    }
+    table: dict[str, LayerMeasure] = {}
+    for name in names:
+        if name not in shapes:
+            table[name] = None
+        elif name in support:
+            table[name] = (shapes[name], _support_box(support[name], height, width), TorchvisionModel.stride_of(height, shapes[name]))
+        else:
+            table[name] = (shapes[name], None, None)
+    return table
 
 
 def _support_box(support: torch.Tensor, height: int, width: int) -> Box:
