@@ -378,6 +378,8 @@ def test_layers_measures_receptive_fields_at_the_centre_and_marks_layers_that_do
     code, stdout, _ = run_cli(capsys, "layers", "googlenet", "--size", "64")
     rows = {line.split()[0]: line for line in stdout.splitlines()[1:]}
     assert code == 0 and "does not run" in rows["aux1"] and "whole image" in rows["fc"]
+    code, _, stderr = run_cli(capsys, "layers", "googlenet", "--size", "8")
+    assert code == 2 and "cannot take a 8×8 image" in stderr and "Traceback" not in stderr
 
 
 def test_images_load_upright_and_arrays_scale_like_files(tmp_path) -> None:

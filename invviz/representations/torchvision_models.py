@@ -455,8 +455,11 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
 
     reference = next(network.parameters())
     native = reps[0].native_size or 224
-    shapes = shapes_at((height, width))
-    native_shapes = shapes if (height, width) == (native, native) else shapes_at((native, native))
+    try:
+        shapes = shapes_at((height, width))
+        native_shapes = shapes if (height, width) == (native, native) else shapes_at((native, native))
+    except (RuntimeError, AssertionError):  # too small for some layer: each layer alone says which
+        return {}
     spatial = [name for name, shape in shapes.items() if len(shape) == 3 and len(native_shapes.get(name, ())) == 3]
     support = {name: torch.zeros(height, width, dtype=torch.bool) for name in spatial}
     generator = torch.Generator().manual_seed(0)  # the images TorchvisionModel.receptive_field draws
