@@ -432,16 +432,17 @@ def _layers_command(args: argparse.Namespace) -> None:
     options = {"weights": args.weights or "random"} if takes_weights else {}
     size = args.size or model_native_size(args.model) or 224
     rows = layer_table(args.model, size, **options)  # all computed before the table starts
-    print(f"{'layer':<14} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
+    width = max(14, *(len(row.layer) for row in rows))  # module paths can be long (a ViT's)
+    print(f"{'layer':<{width}} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")
     for row in rows:
         if row.code_shape is None:
-            shape, field, stride = "-", "does not run in inference", ""
+            shape, field, stride = "-", row.note, ""
         else:
             shape = "×".join(str(n) for n in row.code_shape)
             box = row.receptive_field
             field = "whole image" if box is None else f"{box.height}×{box.width} px"
             stride = "-" if row.stride is None else str(row.stride)
-        print(f"{row.layer:<14} {shape:<18} {field:<16} {stride}".rstrip())
+        print(f"{row.layer:<{width}} {shape:<18} {field:<16} {stride}".rstrip())
 
 
 def _attach_window_values(argv: list[str]) -> list[str]:

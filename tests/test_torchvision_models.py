@@ -355,7 +355,7 @@ def test_shared_measurement_equals_each_layer_alone() -> None:
             if index % every and not rep.layer.startswith("aux"):
                 continue
             if row.code_shape is None:
-                assert row == LayerInfo(rep.layer, None, None, None)
+                assert row == LayerInfo(rep.layer, None, None, None, "does not run in inference")
                 with pytest.raises(ValueError, match="does not run"):
                     rep.code_shape(size, size)
                 continue
@@ -410,3 +410,18 @@ def test_the_builtin_table_names_every_registered_model() -> None:
     models = available_models()  # imports every built-in module
     builtin = {name: cls.__module__.rsplit(".", 1)[1] for name, cls in _REGISTRY.items() if cls.__module__.startswith("invviz.")}
     assert builtin == _BUILTIN and set(_BUILTIN) <= set(models)
+
+
+def test_layers_without_a_code_are_named_in_the_table() -> None:
+    """A ViT's attention module returns a tuple, and MultiheadAttention's out_proj is used without
+    being called: their rows say so, and the rest of the table is still measured."""
+    from invviz.representations import layer_table, representation
+
+    rows = {row.layer: row for row in layer_table("vit_b_16", 224, weights="random")}
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    assert (rows[attention].code_shape, rows[attention].note) == (None, "returns a tuple, not a tensor")
+    assert rows[attention + ".out_proj"].note == "does not run in inference"
+    assert rows["conv_proj"].code_shape == (768, 14, 14) and rows["conv_proj"].stride == 16
+    assert rows["encoder.layers.encoder_layer_0.mlp"].code_shape == (197, 768)
+    with pytest.raises(ValueError, match="returns a tuple, not a tensor; pick a layer"):
+        representation(f"vit_b_16:{attention}", weights="random").code_shape(224, 224)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._base import InputLayout, LayerNotRun, Representation
+from ._base import InputLayout, LayerWithoutCode, Representation
 from ._geometry import Box, Window
 
 __all__ = [
@@ -131,13 +131,16 @@ class LayerInfo:
     """One row of ``layer_table``: a layer's code for a square input of ``layer_table``'s size."""
 
     layer: str
-    #: ``(C, H, W)`` or ``(D,)``; None where the layer does not run in inference (GoogLeNet's aux heads).
+    #: ``(C, H, W)`` or ``(D,)``; None where the layer gives no code (see ``note``).
     code_shape: tuple[int, ...] | None
     #: Input pixels the centre code cell depends on (unclipped where derived from the layer graph);
-    #: None for vector codes and layers that do not run.
+    #: None for vector codes and layers without a code.
     receptive_field: Box | None
-    #: Input pixels between neighbouring code cells; None for vector codes and layers that do not run.
+    #: Input pixels between neighbouring code cells; None for vector codes and layers without a code.
     stride: int | None
+    #: Why a layer has no code: "does not run in inference" (GoogLeNet's auxiliary heads), "returns a
+    #: tuple, not a tensor" (a ViT's attention); empty otherwise.
+    note: str = ""
 
 
 def layer_table(model: str, size: int | None = None, **options: Any) -> list[LayerInfo]:
@@ -156,12 +159,12 @@ def layer_table(model: str, size: int | None = None, **options: Any) -> list[Lay
     for rep in reps:
         if rep.layer in measured:
             found = measured[rep.layer]
-            rows.append(LayerInfo(rep.layer, None, None, None) if found is None else LayerInfo(rep.layer, *found))
+            rows.append(LayerInfo(rep.layer, None, None, None, found) if isinstance(found, str) else LayerInfo(rep.layer, *found))
             continue
         try:
             shape = rep.code_shape(size, size)
-        except LayerNotRun:
-            rows.append(LayerInfo(rep.layer, None, None, None))
+        except LayerWithoutCode as error:
+            rows.append(LayerInfo(rep.layer, None, None, None, error.short))
             continue
         if not rep.is_spatial:
             rows.append(LayerInfo(rep.layer, shape, None, None))

@@ -61,13 +61,27 @@ class InputLayout:
 ColourBasis = Literal["opponent", "rgb"]
 
 
-class LayerNotRun(ValueError):
+class LayerWithoutCode(ValueError):
+    """The chosen layer gives no code tensor; ``short`` says why in a few words, for tables."""
+
+    def __init__(self, message: str, short: str) -> None:
+        super().__init__(message)
+        self.short = short
+
+
+class LayerNotRun(LayerWithoutCode):
     """The chosen module is not run in inference (e.g. GoogLeNet's auxiliary heads)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, NOT_RUN)
+
+
+NOT_RUN = "does not run in inference"
 
 #: What ``Representation.measure_layers`` gives per layer: (code shape, receptive field of the
-#: centre cell and stride, both None for a vector code), or None for a layer that does not run.
-LayerMeasure = tuple[tuple[int, ...], Box | None, int | None] | None
+#: centre cell and stride, both None for a vector code), or why the layer has no code
+#: (``LayerWithoutCode.short``).
+LayerMeasure = tuple[tuple[int, ...], Box | None, int | None] | str
 
 
 class Representation(nn.Module):

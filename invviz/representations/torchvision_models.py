@@ -27,9 +27,11 @@ from torch import nn
 
 from . import register_representation
 from ._base import (
+    NOT_RUN,
     InputLayout,
     LayerMeasure,
     LayerNotRun,
+    LayerWithoutCode,
     Representation,
     channels_last_on_cpu,
     load_state_dict_file,
@@ -340,7 +342,8 @@ class TorchvisionModel(_TorchvisionRepresentation):
         if not captured:
             raise LayerNotRun(f"{self.spec} does not run when {self.model} classifies an image")
         if not isinstance(captured[0], torch.Tensor):
-            raise ValueError(f"{self.spec} returns a {type(captured[0]).__name__}, not a tensor; pick a layer with a tensor output")  # noqa: TRY004 (the user picked the layer)
+            short = _not_a_tensor(captured[0])
+            raise LayerWithoutCode(f"{self.spec} {short}; pick a layer with a tensor output", short)
         return captured[0]
 
     def windows(self) -> Sequence[Window] | None:
@@ -416,8 +419,8 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
     """Code shapes, centre receptive fields and strides of layers that share one network.
 
     Per layer: ``(code shape at height × width, receptive field of the centre cell, stride)``, the
-    last two None for a vector code, or ``None`` for a layer that does not run in inference; layers
-    whose output is not a tensor are left out. These are the values of each layer's ``code_shape``,
+    last two None for a vector code, or why the layer has no code (it does not run in inference, its
+    output is not a tensor). These are the values of each layer's ``code_shape``,
     ``receptive_field`` (from the same seeded images) and ``stride``, but every layer's
     output is captured in one forward pass per image instead of one pass per layer and question:
     ``invviz layers`` took 46 s for googlenet and 50 s for resnet50 that way.
@@ -447,11 +450,12 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
         finally:
             for handle in handles:
                 handle.remove()
-        return {name: out for name, out in captured.items() if isinstance(out, torch.Tensor)}
+        return captured
 
     def shapes_at(size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
         with torch.no_grad():
-            return {name: tuple(out.shape[1:]) for name, out in outputs(torch.zeros(1, 3, *size).to(reference)).items()}
+            found = outputs(torch.zeros(1, 3, *size).to(reference))
+        return {name: tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else _not_a_tensor(out) for name, out in found.items()}
 
     reference = next(network.parameters())
     native = reps[0].native_size or 224
@@ -460,7 +464,11 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
         native_shapes = shapes if (height, width) == (native, native) else shapes_at((native, native))
     except (RuntimeError, AssertionError):  # too small for some layer: each layer alone says which
         return {}
-    spatial = [name for name, shape in shapes.items() if len(shape) == 3 and len(native_shapes.get(name, ())) == 3]
+    spatial = [
+        name
+        for name, shape in shapes.items()
+        if isinstance(shape, tuple) and len(shape) == 3 and len(native_shapes.get(name, ())) == 3
+    ]
     support = {name: torch.zeros(height, width, dtype=torch.bool) for name in spatial}
     generator = torch.Generator().manual_seed(0)  # the images TorchvisionModel.receptive_field draws
     was_training = network.training
@@ -482,13 +490,18 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
         network.train(was_training)
     table: dict[str, LayerMeasure] = {}
     for name in names:
-        if name not in shapes:
-            table[name] = None
+        shape = shapes.get(name, NOT_RUN)
+        if isinstance(shape, str):
+            table[name] = shape
         elif name in support:
-            table[name] = (shapes[name], _support_box(support[name], height, width), TorchvisionModel.stride_of(height, shapes[name]))
+            table[name] = (shape, _support_box(support[name], height, width), TorchvisionModel.stride_of(height, shape))
         else:
-            table[name] = (shapes[name], None, None)
+            table[name] = (shape, None, None)
     return table
+
+
+def _not_a_tensor(output: object) -> str:
+    return f"returns a {type(output).__name__}, not a tensor"
 
 
 def _support_box(support: torch.Tensor, height: int, width: int) -> Box:
