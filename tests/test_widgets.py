@@ -71,7 +71,8 @@ def test_explorer_grey_reconstructs_a_grey_image(explorer: Explorer) -> None:
     assert explorer.error == "" and explorer.result is not None and explorer.result.settings.grey
     assert _is_grey(decode_png(explorer.reconstruction))
     assert not explorer._grey_box.disabled
-    explorer.model = "hog"  # grey anyway: the box is off, and the setting is not passed on
+    explorer.model = "hog"  # grey anyway: the box is off at once, and the setting is not passed on
+    assert explorer._grey_box.disabled
     explorer.wait(60)
     assert explorer._grey_box.disabled and explorer.error == ""
     assert explorer.result is not None and not explorer.result.settings.grey
@@ -290,6 +291,16 @@ def test_restarts_view_shows_k_different_reconstructions() -> None:
         view.grey = True  # re-runs, grey
         view.wait(60)
         assert view.error == "" and all(_is_grey(decode_png(tile)) for tile in view.tiles)
+    finally:
+        view.close()
+
+
+def test_grey_switch_starts_off_for_grey_models() -> None:
+    view = RestartsView(model="dsift", size=32, iters=2, autorun=False)
+    try:
+        assert view._grey_box.disabled
+        view.model = "efficientnet_lite0"
+        assert not view._grey_box.disabled
     finally:
         view.close()
 

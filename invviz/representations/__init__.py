@@ -24,6 +24,7 @@ __all__ = [
     "available_models",
     "every_layer",
     "layer_table",
+    "model_is_grey",
     "model_layers",
     "model_native_size",
     "model_options",
@@ -96,6 +97,11 @@ def _lookup(model: str) -> type[Representation]:
 def model_layers(model: str) -> tuple[str, ...]:
     """Every layer name of ``model``, shallow to deep."""
     return _lookup(model).layers
+
+
+def model_is_grey(model: str) -> bool:
+    """Whether ``model`` sees only brightness (HOG, HOGb, DSIFT), so that its reconstructions are grey."""
+    return _lookup(model).grayscale
 
 
 def model_native_size(model: str) -> int | None:

@@ -25,7 +25,7 @@ import traitlets
 from ..engine import release_idle_pool
 from ..engine.jobs import InversionEngine, Job, Reporter, Snapshot, TaskResult, time_left_text
 from ..images import SAMPLES, load_image, png_bytes, sample_image
-from ..representations import Representation, available_models, model_layers, representation
+from ..representations import Representation, available_models, model_is_grey, model_layers, representation
 from ._render import save_view
 
 Result = TypeVar("Result", bound=TaskResult)
@@ -249,9 +249,7 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         spec = self.spec
         if spec not in self._representations:
             self._representations[spec] = representation(spec).to(self.engine.device)
-        rep = self._representations[spec]
-        self._grey_box.disabled = rep.grayscale  # HOG and SIFT reconstruct grey images anyway
-        return rep
+        return self._representations[spec]
 
     def _grey(self, rep: Representation) -> bool:
         """``Settings.grey`` for ``rep``: the switch, where the representation is not grey anyway."""
@@ -322,7 +320,10 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         self._iters_slider = widgets.IntSlider(
             min=1, max=1000, description="iterations", continuous_update=False, **wide
         )
-        self._grey_box = widgets.Checkbox(description="grey reconstruction", indent=False)
+        # HOG and SIFT reconstruct grey images anyway (kept up to date by _on_model).
+        self._grey_box = widgets.Checkbox(
+            description="grey reconstruction", indent=False, disabled=model_is_grey(self.model)
+        )
         for trait, control in [
             ("image_name", self._image_choice),
             ("model", self._model_choice),
@@ -346,6 +347,7 @@ class InversionWidget(widgets.VBox, Generic[Result]):
         traitlets.dlink((self, "status"), (self._status_label, "value"))
 
     def _on_model(self, change: dict[str, Any]) -> None:
+        self._grey_box.disabled = model_is_grey(change["new"])
         layers = model_layers(change["new"])
         keep = self.layer if self.layer in layers else layers[len(layers) // 2]
         self._layer_slider.options = layers  # resets the slider (and, linked, the layer) to the first layer
