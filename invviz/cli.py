@@ -420,7 +420,8 @@ def _features_command(args: argparse.Namespace) -> None:
 def _models_command(args: argparse.Namespace) -> None:
     for name in available_models():
         layers = model_layers(name)
-        print(f"{name:<20} {len(layers):>3} layers  {layers[0]} … {layers[-1]}")
+        span = layers[0] if len(layers) == 1 else f"{layers[0]} … {layers[-1]}"
+        print(f"{name:<20} {len(layers):>3} layer{'s' if len(layers) != 1 else ' '}  {span}")
     print("Any torchvision classification model is accepted too, with its module paths as layers.")
 
 

@@ -121,6 +121,7 @@ def test_features_shapes(tmp_path, photo, capsys) -> None:
 def test_models_and_layers(capsys) -> None:
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "efficientnet_lite0" in out and "alexnet" in out and "hog" in out
+    assert "1 layers" not in out and "features … features" not in out
     code, out, _ = run_cli(capsys, "layers", "efficientnet_lite0")
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
