@@ -13,10 +13,11 @@ Weights (``weights=`` of every class here):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -390,28 +391,19 @@ class TorchvisionModel(_TorchvisionRepresentation):
             return Box(0, 0, height, width)
         rows = (row, row + 1) if isinstance(row, int) else row
         cols = (col, col + 1) if isinstance(col, int) else col
-        reference = next(self.parameters())
-        generator = torch.Generator().manual_seed(0)
         support = torch.zeros(height, width, dtype=torch.bool)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                for _ in range(SUPPORT_TRIALS):
-                    images = torch.rand(1, 3, height, width, generator=generator).to(reference)
-                    images.requires_grad_()
-                    code = self(images)
-                    cells_y, cells_x = code.shape[-2:]
-                    if not (0 <= rows[0] < rows[1] <= cells_y and 0 <= cols[0] < cols[1] <= cells_x):
-                        raise ValueError(
-                            f"code window rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} is outside "
-                            f"the code of {cells_y}×{cells_x} cells"
-                        )
-                    cells = code[0, :, rows[0] : rows[1], cols[0] : cols[1]]
-                    (gradient,) = torch.autograd.grad(cells.sum(), images)
-                    support |= gradient[0].abs().sum(0).cpu() > 0
-        finally:
-            self.train(was_training)
+        with _support_images(self, height, width) as trials:
+            for images in trials:
+                code = self(images)
+                cells_y, cells_x = code.shape[-2:]
+                if not (0 <= rows[0] < rows[1] <= cells_y and 0 <= cols[0] < cols[1] <= cells_x):
+                    raise ValueError(
+                        f"code window rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} is outside "
+                        f"the code of {cells_y}×{cells_x} cells"
+                    )
+                cells = code[0, :, rows[0] : rows[1], cols[0] : cols[1]]
+                (gradient,) = torch.autograd.grad(cells.sum(), images)
+                support |= gradient[0].abs().sum(0).cpu() > 0
         return _support_box(support, height, width)
 
 
@@ -477,23 +469,16 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
         if isinstance(shape, tuple) and len(shape) == 3 and len(native_shapes.get(name, ())) == 3
     ]
     support = {name: torch.zeros(height, width, dtype=torch.bool) for name in spatial}
-    generator = torch.Generator().manual_seed(0)  # the images TorchvisionModel.receptive_field draws
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.enable_grad():
-            for _ in range(SUPPORT_TRIALS):
-                images = torch.rand(1, 3, height, width, generator=generator).to(reference).requires_grad_()
-                captured = outputs(images)
-                for name in spatial:
-                    cell = captured[name][1]
-                    if cell is not None and cell.requires_grad:
-                        (gradient,) = torch.autograd.grad(cell, images, retain_graph=True, allow_unused=True)
-                        if gradient is not None:
-                            support[name] |= gradient[0].abs().sum(0).cpu() > 0
-                del captured
-    finally:
-        network.train(was_training)
+    with _support_images(network, height, width) as trials:  # the images receptive_field draws
+        for images in trials:
+            captured = outputs(images)
+            for name in spatial:
+                cell = captured[name][1]
+                if cell is not None and cell.requires_grad:
+                    (gradient,) = torch.autograd.grad(cell, images, retain_graph=True, allow_unused=True)
+                    if gradient is not None:
+                        support[name] |= gradient[0].abs().sum(0).cpu() > 0
+            del captured
     table: dict[str, LayerMeasure] = {}
     for name in names:
         shape = shapes.get(name, NOT_RUN)
@@ -504,6 +489,25 @@ def measure_layers(reps: Sequence[TorchvisionModel], height: int, width: int) ->
         else:
             table[name] = (shape, None, None)
     return table
+
+
+@contextlib.contextmanager
+def _support_images(module: nn.Module, height: int, width: int) -> Iterator[Iterator[torch.Tensor]]:
+    """The seeded random images ``(1, 3, H, W)`` (requiring grad) that receptive fields are measured
+    on, SUPPORT_TRIALS of them, with ``module`` in eval mode and gradients on; its mode is restored
+    after. One generator for ``receptive_field`` and ``measure_layers``, which must agree."""
+    reference = next(module.parameters())
+    generator = torch.Generator().manual_seed(0)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.enable_grad():
+            yield (
+                torch.rand(1, 3, height, width, generator=generator).to(reference).requires_grad_()
+                for _ in range(SUPPORT_TRIALS)
+            )
+    finally:
+        module.train(was_training)
 
 
 def _not_a_tensor(output: object) -> str:
