@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--start-noise", type=non_negative_float,
                      help="deviation of the start image's noise around the mean pixel (default: 0, a flat start, for CNN layers; 0.05 for hog/hogb/dsift and for --restarts)")
     inv.add_argument("--tv", type=non_negative_float, help="TV prior weight (default: per layer)")
-    inv.add_argument("--tv-start", type=positive_float, default=Settings.tv_start,
-                     help=f"TV weight of the first step as a multiple of --tv, falling to it by the last (default {Settings.tv_start:g}; 1: constant)")
+    inv.add_argument("--tv-start", type=positive_float,
+                     help="TV weight of the first step as a multiple of --tv, falling to it by the last (default 2; for CNN layers of stride 8 or more in runs under 200 steps 2 × 200 / --iters, at most 8; 1: constant)")
     inv.add_argument("--tv-beta", type=positive_float, default=Settings.tv_beta, help=f"TV exponent β (default {Settings.tv_beta:g}; 1 gives spikes)")
     inv.add_argument("--tv-chroma", type=non_negative_float,
                      help="extra TV weight on colour variation (default: 3 for CNN layers of stride 8 or more, else 0)")

@@ -213,6 +213,17 @@ def test_pyramid_levels_default_to_the_representations() -> None:
     assert Settings(pyramid_levels=2).resolved(representation("hog")).pyramid_levels == 2
 
 
+def test_tv_start_defaults_to_two_and_grows_for_short_runs_of_colour_codes_from_stride_8() -> None:
+    blocks4 = representation("efficientnet_lite0:blocks.4")  # stride 8
+    starts = {iters: Settings(iters=iters).resolved(blocks4).tv_start for iters in (1000, 200, 199, 100, 50, 10)}
+    assert starts == pytest.approx({1000: 2.0, 200: 2.0, 199: 2 * 200 / 199, 100: 4.0, 50: 8.0, 10: 8.0})
+    assert Settings().resolved(blocks4).tv_start == 2.0  # the default 200 steps
+    # Shallow layers and grey codes keep 2 whatever the length; a given value is kept.
+    for rep in (representation("efficientnet_lite0:blocks.1"), representation("hog")):
+        assert Settings(iters=50).resolved(rep).tv_start == 2.0
+    assert Settings(iters=50, tv_start=1.0).resolved(blocks4).tv_start == 1.0
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_tv_weight_starts_at_tv_start_times_and_ends_at_tv_weight(photo, native, monkeypatch) -> None:
     from invviz.engine import _native

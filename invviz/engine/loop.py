@@ -74,8 +74,11 @@ class Settings:
       geometrically to ``tv_weight`` by the last step (1: constant, as in the paper). Strong
       smoothing while the coarse layout forms, less once the detail is being matched: with 2, at 200
       steps on 8 photos (GPU sweep), the roughest reconstruction per layer (blocks.2 to head) was
-      0.08-0.3 times the photo's roughness smoother at the same or lower error. Only the default
-      objective is scheduled; a custom ``objective`` keeps its weights.
+      0.08-0.3 times the photo's roughness smoother at the same or lower error. ``None``: the
+      representation's default for the run's length (``Representation.default_tv_start``): 2, and
+      for colour codes of stride 8 or more in runs shorter than 200 steps 2 × 200 / steps (at most
+      8), since short runs end rougher. Only the default objective is scheduled; a custom
+      ``objective`` keeps its weights.
     - ``jitter``: largest random shift in pixels per step (the IJCV follow-up's jitter); the last
       fifth of the steps runs unjittered. Off by default: on EfficientNet-Lite0 it raised the final
       feature error at every layer (e.g. blocks.4: 0.15 → 0.27 in 200 steps).
@@ -150,7 +153,7 @@ class Settings:
     optimizer: OptimizerName = "adam"
     lr: float | None = None
     tv_weight: float | None = None
-    tv_start: float = 2.0
+    tv_start: float | None = None
     tv_beta: float = 2.0
     tv_chroma: float | None = None
     alpha_weight: float = 1e-4
@@ -231,6 +234,7 @@ class Settings:
             iters=iters,
             lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
+            tv_start=self.tv_start if self.tv_start is not None else rep.default_tv_start(iters),
             tv_chroma=self.tv_chroma if self.tv_chroma is not None else rep.default_tv_chroma(),
             feature_power=self.feature_power if self.feature_power is not None else (2.0 if paper else 1.0),
             pyramid_levels=self.pyramid_levels if self.pyramid_levels is not None else rep.default_pyramid_levels(),
@@ -711,7 +715,7 @@ def _check_size(size: object) -> tuple[int, int]:
 
 def _tv_factor(settings: Settings, step: int) -> float:
     """``tv_start`` at step 0, falling geometrically to 1 at the last step."""
-    assert settings.iters is not None
+    assert settings.iters is not None and settings.tv_start is not None
     return float(settings.tv_start ** (1.0 - step / max(settings.iters - 1, 1)))
 
 
