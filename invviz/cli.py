@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {DEEP_ADAM_LR:g} for efficientnet_lite0 blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
+    inv.add_argument("--rectifier-smoothing", type=non_negative_float,
+                     help="how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: 3 / 1 / 0.5 at Lite0's stride 8 / 16 / 32 and below / above); efficientnet_lite0 past stem only")
     inv.add_argument("--rectifier-slope", type=non_negative_float,
                      help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,
@@ -289,6 +291,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         jitter=args.jitter,
         seed=args.seed,
         rectifier_slope=Settings.rectifier_slope if args.rectifier_slope is None else args.rectifier_slope,
+        rectifier_smoothing=args.rectifier_smoothing,
         feature_power=args.feature_power,
         start_noise=args.start_noise,
         flat_regions=args.flat_regions,
@@ -328,6 +331,11 @@ def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
         raise UsageError(
             f"--rectifier-slope applies to codes that end in a rectifier (e.g. efficientnet_lite0:stem "
             f"or :head, alexnet:relu5); {rep.spec} does not"
+        )
+    if args.rectifier_smoothing is not None and not rep.smooths_rectifiers:
+        raise UsageError(
+            f"--rectifier-smoothing applies to networks with inner rectifiers it smooths (efficientnet_lite0 "
+            f"past stem); {rep.spec} has none"
         )
     if not args.flat_regions and not rep.zero_means_flat:
         raise UsageError(f"--no-flat-regions applies to hog, hogb and dsift only, not {rep.spec}")

@@ -100,6 +100,21 @@ void invviz_clamp_into(float *fine, float *out, size_t count, int threads)
     }
 }
 
+/* The gradient through a ReLU6 whose corners are rounded off `width` (0 < width <= 3) on either
+ * side (representations/_surrogates.py, SmoothedReLU6): grad times min(pre + width, 6 + width - pre)
+ * / (2 width), clamped to [0, 1]. Element by element, so any layout both tensors share. */
+void invviz_smoothed_relu6_backward(const float *grad, const float *pre, float *out, size_t count, double width_,
+                                    int threads)
+{
+    const float width = (float)width_, scale = (float)(0.5 / width_);
+#pragma omp parallel for num_threads(threads) if (threads > 1 && count >= PARALLEL_MIN) schedule(static)
+    for (size_t i = 0; i < count; ++i) {
+        float x = pre[i];
+        float ramp = ((x < 6.0f - x ? x : 6.0f - x) + width) * scale;
+        out[i] = grad[i] * (ramp < 0.0f ? 0.0f : (ramp > 1.0f ? 1.0f : ramp));
+    }
+}
+
 /* Adjoint of upsample_row: coarse[j] collects what out[2j - 1 .. 2j + 2] took from row[j]. */
 static void upsample_row_adjoint(const float *out, int W, float *row, int w)
 {

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..representations import InputLayout
+from ..representations._surrogates import smoothed_relu6_weight
 from ._threads import openmp_runtimes
 
 SOURCE = Path(__file__).with_name("_native.c")
@@ -43,6 +44,7 @@ _ptr_t, _int, _dbl, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctyp
 _SIGNATURES: dict[str, list[type]] = {
     "invviz_upsample_add": [_ptr_t, _int, _int, _ptr_t, _ptr_t, _int, _int, _int, _int, _int],
     "invviz_clamp_into": [_ptr_t, _ptr_t, _size, _int],
+    "invviz_smoothed_relu6_backward": [_ptr_t, _ptr_t, _ptr_t, _size, _dbl, _int],
     "invviz_upsample_adjoint": [_ptr_t, _int, _int, _ptr_t, _int, _int, _int, _ptr_t, _int],
     "invviz_priors": [_ptr_t, _ptr_t, _int, _int, _int, _int, _dbl, _dbl, _dbl, _dbl, _dbl, _dbl, _ptr_t, _ptr_t,
                       _ptr_t, _ptr_t, _ptr_t, _ptr_t, _int],
@@ -213,6 +215,25 @@ def clamp_into(fine: Tensor) -> Tensor:
     """``fine`` clamped to [0, 1] in place; returns a copy of the result."""
     out = torch.empty_like(fine)
     _lib().invviz_clamp_into(fine.data_ptr(), out.data_ptr(), fine.numel(), threads())
+    return out
+
+
+def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float) -> Tensor:
+    """``SmoothedReLU6``'s gradient (``representations._surrogates``) in one pass, for float32 CPU
+    tensors dense in one shared layout; torch's formulation for anything else. Called once per
+    rectifier per step, so it checks no more than it must."""
+    lib = (_loaded["lib"] if "lib" in _loaded else library()) if enabled() else None
+    if (
+        lib is None
+        or pre.device.type != "cpu"
+        or pre.dtype != torch.float32
+        or grad.dtype != torch.float32
+        or grad.stride() != pre.stride()
+        or not (pre.is_contiguous() or pre.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return smoothed_relu6_weight(pre, width).mul_(grad)
+    out = torch.empty_like(pre)
+    lib.invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
     return out
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..representations import Representation
 from ..representations._base import ColourBasis
+from ..representations._surrogates import MAX_SMOOTHING, rectifier_smoothing
 from . import _native
 from ._device import resolve_device
 from ._threads import keep_freed_memory
@@ -109,6 +110,17 @@ class Settings:
       reported error are unchanged. On ``head`` at 200 steps it took the error from 0.56 to 0.23 (8 photos);
       on AlexNet with random weights (``relu5``, ``relu7``, 3 photos) it changed the error by ≤ 0.005
       (pretrained AlexNet / VGG16 weights are not on this machine to measure).
+    - ``rectifier_smoothing``: inside the network (Lite0's ReLU6s), the gradient is that of a
+      rectifier with its corners rounded off this far on either side (in pre-activation units;
+      0: the true gradient; at most 3), shrinking linearly to 0 by the last step; values and the
+      reported error are always the network's own. ``None``: the representation's default
+      (``Representation.default_rectifier_smoothing``). Units just off or just saturated still
+      get part of the gradient, and the gradient changes gradually as units switch instead of
+      jumping, so Adam can take longer steps through the network's kinks. With the default
+      objective only (a custom ``objective`` gets the network's true gradient). At 200 steps on the
+      8 scikit-image photos it took the mean error of blocks.1 0.086 → 0.047 and blocks.4 0.110 →
+      0.085, and at 100 steps blocks.4 0.147 → 0.105; a step costs about 0.1 ms more per rectifier
+      on the CPU.
     - ``flat_regions``: for codes where an all-zero cell means an exactly flat image under it
       (HOG, HOGb, DSIFT: ``Representation.zero_means_flat``), the pixels under the target's
       all-zero cells are held flat, one value per connected region (see ``engine.flat``). Only
@@ -162,6 +174,7 @@ class Settings:
     seed: int = 0
     pyramid_levels: int | None = None
     rectifier_slope: float = 0.7
+    rectifier_smoothing: float | None = None
     feature_power: float | None = None
     start_noise: float | None = None
     flat_regions: bool = True
@@ -220,6 +233,10 @@ class Settings:
         finite("start_noise", self.start_noise)
         finite("chroma_rate", self.chroma_rate, positive=True)
         check_rectifier_slope(self.rectifier_slope)
+        if self.rectifier_smoothing is not None:
+            finite("rectifier_smoothing", self.rectifier_smoothing)
+            if self.rectifier_smoothing > MAX_SMOOTHING:
+                raise ValueError(f"rectifier_smoothing must be from 0 to {MAX_SMOOTHING:g}, got {self.rectifier_smoothing}")
         if not isinstance(self.flat_regions, bool):
             raise ValueError(f"flat_regions must be True or False, got {self.flat_regions!r}")  # noqa: TRY004
         if not isinstance(self.grey, bool):
@@ -235,6 +252,9 @@ class Settings:
             lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
             tv_start=self.tv_start if self.tv_start is not None else rep.default_tv_start(iters),
+            rectifier_smoothing=(
+                self.rectifier_smoothing if self.rectifier_smoothing is not None else rep.default_rectifier_smoothing()
+            ),
             tv_chroma=self.tv_chroma if self.tv_chroma is not None else rep.default_tv_chroma(),
             feature_power=self.feature_power if self.feature_power is not None else (2.0 if paper else 1.0),
             pyramid_levels=self.pyramid_levels if self.pyramid_levels is not None else rep.default_pyramid_levels(),
@@ -713,6 +733,12 @@ def _check_size(size: object) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _smoothing(settings: Settings, step: int) -> float:
+    """``rectifier_smoothing`` at step 0, shrinking linearly to 0 at the last step."""
+    assert settings.iters is not None and settings.rectifier_smoothing is not None
+    return settings.rectifier_smoothing * (1.0 - step / max(settings.iters, 1))
+
+
 def _tv_factor(settings: Settings, step: int) -> float:
     """``tv_start`` at step 0, falling geometrically to 1 at the last step."""
     assert settings.iters is not None and settings.tv_start is not None
@@ -867,7 +893,8 @@ def invert(
             stopped = True
             break
         tv_factor = _tv_factor(settings, step) if scheduled else 1.0
-        last_good, values = take_step(step, _learning_rate(settings, step), tv_factor)
+        with rectifier_smoothing(_smoothing(settings, step) if scheduled else 0.0, _native.smoothed_relu6_backward):
+            last_good, values = take_step(step, _learning_rate(settings, step), tv_factor)
         steps = step + 1
         for name, per_image in values.items():
             history[name].append(per_image)

@@ -138,6 +138,12 @@ class Representation(nn.Module):
         ``Settings.rectifier_slope`` applies to it); ``False`` by default."""
         return False
 
+    @property
+    def smooths_rectifiers(self) -> bool:
+        """Whether the network has inner rectifiers that ``Settings.rectifier_smoothing`` smooths
+        for the gradient (Lite0's ReLU6s, from ``blocks.0`` on); ``False`` by default."""
+        return False
+
     def input_layout(self, height: int, width: int) -> InputLayout | None:
         """How ``forward`` prepares ``height × width`` images for the network, for an engine that
         writes that input itself (the CPU engine does it in the same pass that composes the image,
@@ -249,6 +255,12 @@ class Representation(nn.Module):
         """The coordinates Adam steps in when the settings name none (``Settings.colour_basis``):
         the opponent colour basis; one-channel representations ignore it."""
         return "opponent"
+
+    def default_rectifier_smoothing(self) -> float:
+        """How far the network's inner rectifiers are smoothed for the gradient at the first step
+        (``Settings.rectifier_smoothing``) when none is given: 0, the true gradient, for
+        representations without smoothable rectifiers."""
+        return 0.0
 
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.

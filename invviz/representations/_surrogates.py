@@ -6,13 +6,24 @@ truncated at 0.2 that the target has lower stays high. ``reviving_clamp`` has th
 ``clamp`` and lets ``slope`` of the gradient through to clamped entries, in the direction that
 brings them back inside only. Used by the engine for codes that end in a clamp (``match``'s
 ``rectifier_slope``) and by HOG for its 0.2 truncation (``truncation_slope``).
+
+Inside a network, ``smooth_relu6`` is ReLU6 whose gradient is that of a smoothed ReLU6 while the
+calling thread is inside ``rectifier_smoothing(width)`` (the engine's steps), and ReLU6's own
+elsewhere: the values are always ReLU6's.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, autograd
+
+_smoothing = threading.local()
 
 
 def check_slope(name: str, value: object) -> float:
@@ -49,3 +60,62 @@ def reviving_clamp(pre: Tensor, low: float, high: float, slope: float) -> Tensor
         return pre.clamp(low, high)
     result: Tensor = RevivingClamp.apply(pre, low, high, slope)
     return result
+
+
+def smoothed_relu6_weight(pre: Tensor, width: float) -> Tensor:
+    """The derivative of ReLU6 with its corners rounded off ``width`` (0 < ``width`` ≤ 3) on either
+    side, at ``pre``: min(pre + width, 6 + width − pre) / (2 width), clamped to [0, 1] (1 inside
+    (``width``, 6 − ``width``), falling linearly to 0 at −``width`` and 6 + ``width``)."""
+    return torch.minimum(pre, 6 - pre).add_(width).mul_(0.5 / width).clamp_(0, 1)
+
+
+#: ``(grad, pre, width) → the gradient of pre``: how ``SmoothedReLU6`` computes its gradient.
+Backward = Callable[[Tensor, Tensor, float], Tensor]
+
+
+def _torch_backward(grad: Tensor, pre: Tensor, width: float) -> Tensor:
+    return smoothed_relu6_weight(pre, width).mul_(grad)
+
+
+class SmoothedReLU6(autograd.Function):
+    """ReLU6 whose gradient is that of ReLU6 with its corners rounded off by parabolas ``width``
+    wide on either side (``smoothed_relu6_weight``): units just off, or just saturated, still get
+    part of the gradient, and the gradient changes gradually as units switch instead of jumping."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, width: float, backward: Backward) -> Tensor:
+        ctx.save_for_backward(pre)
+        ctx.width, ctx.backward = width, backward
+        return F.relu6(pre)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (pre,) = ctx.saved_tensors
+        return ctx.backward(grad, pre, ctx.width), None, None
+
+
+MAX_SMOOTHING = 3.0
+
+
+@contextmanager
+def rectifier_smoothing(width: float, backward: Backward | None = None) -> Iterator[None]:
+    """While inside, in this thread, ``smooth_relu6`` takes ``SmoothedReLU6``'s gradient with this
+    ``width`` (0: ReLU6's own), computed by ``backward`` (default: torch's formulation; the engine
+    passes its one-pass CPU kernel)."""
+    if not 0 <= width <= MAX_SMOOTHING:
+        raise ValueError(f"rectifier smoothing must be from 0 to {MAX_SMOOTHING:g}, got {width!r}")
+    before = getattr(_smoothing, "state", None)
+    _smoothing.state = (width, backward or _torch_backward) if width > 0 else None
+    try:
+        yield
+    finally:
+        _smoothing.state = before
+
+
+def smooth_relu6(pre: Tensor) -> Tensor:
+    """``F.relu6(pre)``; inside ``rectifier_smoothing`` with a width > 0, ``SmoothedReLU6``'s gradient."""
+    state = getattr(_smoothing, "state", None)
+    if state is not None and pre.requires_grad:
+        result: Tensor = SmoothedReLU6.apply(pre, *state)
+        return result
+    return F.relu6(pre)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import register_representation
 from ._base import ColourBasis, InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
 from ._geometry import Window
+from ._surrogates import smooth_relu6
 
 __all__ = ["EfficientNetLite0", "imagenet_weights_path"]
 
@@ -142,7 +143,7 @@ class ConvBN(nn.Module):
         """``padded``: ``x`` already carries the convolution's "same" padding (see ``SameConv2d``);
         ``relu=False`` leaves out the ReLU6."""
         x = self.conv(x, padded=padded)
-        return F.relu6(x) if self.relu and relu else x
+        return smooth_relu6(x) if self.relu and relu else x
 
     def windows(self) -> list[Window]:
         return [self.conv.window]
@@ -346,6 +347,22 @@ class EfficientNetLite0(Representation):
         if self.is_spatial and self.stride() >= 32:
             return DEEP_ADAM_LR
         return None
+
+    @property
+    def smooths_rectifiers(self) -> bool:
+        """Every layer past ``stem`` passes ReLU6s that ``smooth_relu6`` smooths (``stem``'s own
+        ends the code and takes ``rectifier_slope`` instead)."""
+        rectifiers = sum(isinstance(m, ConvBN) and m.relu for m in self.stages.modules())
+        return rectifiers > (1 if self.ends_in_rectifier else 0)
+
+    def default_rectifier_smoothing(self) -> float:
+        """The inner ReLU6s' smoothing for the gradient (``Settings.rectifier_smoothing``): 3 up to
+        stride 8 (``blocks.4``), 1 at stride 16, 0.5 at stride 32 and ``head``; the deeper the layer,
+        the more rectifiers the gradient passes and the less each may be rounded."""
+        if not self.smooths_rectifiers:
+            return 0.0
+        stride = self.stride()
+        return 3.0 if stride <= 8 else 1.0 if stride <= 16 else 0.5
 
     def default_colour_basis(self) -> ColourBasis:
         """``rgb`` at ``head``, the opponent basis elsewhere. At ``head`` (200 steps, the 8 scikit-image
