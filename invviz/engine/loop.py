@@ -114,7 +114,8 @@ class Settings:
       rectifier with its corners rounded off this far on either side (in pre-activation units;
       0: the true gradient; at most 3), shrinking linearly to 0 by the last step; values and the
       reported error are always the network's own. ``None``: the representation's default
-      (``Representation.default_rectifier_smoothing``). Units just off or just saturated still
+      (``Representation.default_rectifier_smoothing``; 0, the true gradient, with the paper's
+      optimizer, which reproduces the paper). Units just off or just saturated still
       get part of the gradient, and the gradient changes gradually as units switch instead of
       jumping, so Adam can take longer steps through the network's kinks. With the default
       objective only (a custom ``objective`` gets the network's true gradient). At 200 steps on the
@@ -253,7 +254,9 @@ class Settings:
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
             tv_start=self.tv_start if self.tv_start is not None else rep.default_tv_start(iters),
             rectifier_smoothing=(
-                self.rectifier_smoothing if self.rectifier_smoothing is not None else rep.default_rectifier_smoothing()
+                self.rectifier_smoothing
+                if self.rectifier_smoothing is not None
+                else 0.0 if paper else rep.default_rectifier_smoothing()
             ),
             tv_chroma=self.tv_chroma if self.tv_chroma is not None else rep.default_tv_chroma(),
             feature_power=self.feature_power if self.feature_power is not None else (2.0 if paper else 1.0),
