@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..representations import InputLayout
-from ..representations._surrogates import smoothed_relu6_weight
+from ..representations._surrogates import smoothed_relu6_grad
 from ._threads import openmp_runtimes
 
 SOURCE = Path(__file__).with_name("_native.c")
@@ -220,20 +220,12 @@ def clamp_into(fine: Tensor) -> Tensor:
 
 def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float) -> Tensor:
     """``SmoothedReLU6``'s gradient (``representations._surrogates``) in one pass, for float32 CPU
-    tensors dense in one shared layout; torch's formulation for anything else. Called once per
-    rectifier per step, so it checks no more than it must."""
-    lib = (_loaded["lib"] if "lib" in _loaded else library()) if enabled() else None
-    if (
-        lib is None
-        or pre.device.type != "cpu"
-        or pre.dtype != torch.float32
-        or grad.dtype != torch.float32
-        or grad.stride() != pre.stride()
-        or not (pre.is_contiguous() or pre.is_contiguous(memory_format=torch.channels_last))
-    ):
-        return smoothed_relu6_weight(pre, width).mul_(grad)
+    tensors dense in one shared layout; torch's formulation for anything else."""
+    layout = memory_format(pre)
+    if not (usable(grad, pre, memory_format=layout) and grad.stride() == pre.stride()):
+        return smoothed_relu6_grad(grad, pre, width)
     out = torch.empty_like(pre)
-    lib.invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
+    _lib().invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
     return out
 
 

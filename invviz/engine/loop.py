@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..representations import Representation
 from ..representations._base import ColourBasis
-from ..representations._surrogates import MAX_SMOOTHING, rectifier_smoothing
+from ..representations._surrogates import check_smoothing, rectifier_smoothing
 from . import _native
 from ._device import resolve_device
 from ._threads import keep_freed_memory
@@ -235,9 +235,7 @@ class Settings:
         finite("chroma_rate", self.chroma_rate, positive=True)
         check_rectifier_slope(self.rectifier_slope)
         if self.rectifier_smoothing is not None:
-            finite("rectifier_smoothing", self.rectifier_smoothing)
-            if self.rectifier_smoothing > MAX_SMOOTHING:
-                raise ValueError(f"rectifier_smoothing must be from 0 to {MAX_SMOOTHING:g}, got {self.rectifier_smoothing}")
+            check_smoothing(self.rectifier_smoothing)
         if not isinstance(self.flat_regions, bool):
             raise ValueError(f"flat_regions must be True or False, got {self.flat_regions!r}")  # noqa: TRY004
         if not isinstance(self.grey, bool):

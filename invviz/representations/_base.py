@@ -220,7 +220,7 @@ class Representation(nn.Module):
         roughness, the mean error within ±0.006; at 50 steps 8 took blocks.4 from 0.251 / 2.25×
         to 0.226 / 1.49×. At 200 steps 3 cost blocks.4 0.110 → 0.115, and at blocks.1 (stride
         4) 4 cost 0.094 → 0.102 at 100 steps."""
-        if self.grayscale or self.stride() < 8 or iters >= SHORT_RUN:
+        if iters >= SHORT_RUN or self.default_tv_chroma() == 0:
             return TV_START
         return TV_START * min(SHORT_RUN / iters, 4.0)
 

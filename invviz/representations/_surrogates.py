@@ -73,7 +73,8 @@ def smoothed_relu6_weight(pre: Tensor, width: float) -> Tensor:
 Backward = Callable[[Tensor, Tensor, float], Tensor]
 
 
-def _torch_backward(grad: Tensor, pre: Tensor, width: float) -> Tensor:
+def smoothed_relu6_grad(grad: Tensor, pre: Tensor, width: float) -> Tensor:
+    """``SmoothedReLU6``'s gradient of ``pre`` in torch (the CPU engine's kernel falls back to it)."""
     return smoothed_relu6_weight(pre, width).mul_(grad)
 
 
@@ -97,15 +98,22 @@ class SmoothedReLU6(autograd.Function):
 MAX_SMOOTHING = 3.0
 
 
+def check_smoothing(value: object) -> float:
+    """``value`` as a float if it is a number from 0 to ``MAX_SMOOTHING``, else a ``ValueError``
+    naming ``rectifier_smoothing``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SMOOTHING:
+        raise ValueError(f"rectifier_smoothing must be a number from 0 to {MAX_SMOOTHING:g}, got {value!r}")
+    return float(value)
+
+
 @contextmanager
 def rectifier_smoothing(width: float, backward: Backward | None = None) -> Iterator[None]:
     """While inside, in this thread, ``smooth_relu6`` takes ``SmoothedReLU6``'s gradient with this
     ``width`` (0: ReLU6's own), computed by ``backward`` (default: torch's formulation; the engine
     passes its one-pass CPU kernel)."""
-    if not 0 <= width <= MAX_SMOOTHING:
-        raise ValueError(f"rectifier smoothing must be from 0 to {MAX_SMOOTHING:g}, got {width!r}")
+    check_smoothing(width)
     before = getattr(_smoothing, "state", None)
-    _smoothing.state = (width, backward or _torch_backward) if width > 0 else None
+    _smoothing.state = (width, backward or smoothed_relu6_grad) if width > 0 else None
     try:
         yield
     finally:
