@@ -10,11 +10,12 @@ from invviz import Settings, invert, representation
 from invviz.engine import _native
 from invviz.engine import loop as engine_loop
 from invviz.representations._surrogates import (
-    SmoothedReLU6,
+    current_smoothing,
     rectifier_smoothing,
-    smooth_relu6,
+    smoothed_relu6_grad,
     smoothed_relu6_weight,
 )
+from invviz.representations.efficientnet import ConvBN, MBConv
 
 
 def rounded_relu6(x: torch.Tensor, width: float) -> torch.Tensor:
@@ -27,36 +28,124 @@ def rounded_relu6(x: torch.Tensor, width: float) -> torch.Tensor:
                     torch.where(x <= 6 - width, x, torch.where(x < 6 + width, high, torch.full_like(x, 6.0)))))
 
 
+def straight_through(width: float):  # type: ignore[no-untyped-def]
+    """ReLU6's values with ``rounded_relu6``'s gradient, from autograd alone: the oracle."""
+
+    def activation(x: torch.Tensor) -> torch.Tensor:
+        rounded = rounded_relu6(x, width)
+        return F.relu6(x).detach() + (rounded - rounded.detach())
+
+    return activation
+
+
+def reference_lite0(rep, images: torch.Tensor, activation) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Lite0's stages written out once more, with autograd and ``activation`` for every ReLU6."""
+
+    def conv_bn(layer: ConvBN, x: torch.Tensor) -> torch.Tensor:
+        y = layer.conv(x)
+        return activation(y) if layer.relu else y
+
+    x = images * 2 - 1
+    for stage in rep.stages:
+        if isinstance(stage, ConvBN):
+            x = conv_bn(stage, x)
+        else:
+            assert isinstance(stage, MBConv)
+            y = conv_bn(stage.expand, x) if stage.expand is not None else x
+            y = conv_bn(stage.project, conv_bn(stage.depthwise, y))
+            x = x + y if stage.residual else y
+    return x
+
+
 @pytest.mark.parametrize("width", [0.25, 1.0, 3.0])
-def test_the_gradient_is_the_rounded_rectifiers_and_the_values_relu6s(width: float) -> None:
+def test_the_smoothing_function_is_the_rounded_rectifiers_derivative(width: float) -> None:
     x = torch.linspace(-5, 11, 4001, dtype=torch.float64).requires_grad_(True)
     expected = torch.autograd.grad(rounded_relu6(x, width).sum(), x)[0]
-    with rectifier_smoothing(width):
-        y = smooth_relu6(x)
-    assert torch.equal(y, F.relu6(x))
-    (got,) = torch.autograd.grad(y.sum(), x)
+    got = smoothed_relu6_weight(x.detach(), width)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     assert got.min() == 0 and got.max() == 1 and ((got > 0) & (got < 1)).any()
+    grad = torch.randn(4001, dtype=torch.float64)
+    torch.testing.assert_close(smoothed_relu6_grad(grad, x.detach(), width), grad * expected, atol=1e-12, rtol=0)
 
 
-def test_outside_the_context_and_in_other_threads_the_gradient_is_relu6s() -> None:
-    x = torch.linspace(-2, 8, 101).requires_grad_(True)
-    exact = torch.autograd.grad(F.relu6(x).sum(), x)[0]
-    assert torch.equal(torch.autograd.grad(smooth_relu6(x).sum(), x)[0], exact)
+@pytest.mark.parametrize(("layer", "width", "size"), [("blocks.2", 3.0, (37, 50)), ("blocks.5", 1.0, (64, 48))])
+def test_lite0s_hand_written_gradient_is_the_straight_through_oracles(layer: str, width: float, size: tuple[int, int]) -> None:
+    """In float64, on odd and even sizes (stride-2 "same" padding of both kinds), through ``rep(x)``
+    and the engine's prepared input: values are the network's, the gradient autograd's of a
+    network whose ReLU6s pass ``rounded_relu6``'s gradient (straight through its true values)."""
+    rep = representation(f"efficientnet_lite0:{layer}").double()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, *size, generator=generator, dtype=torch.float64)
+    weights = torch.randn_like(rep(images))
+    x = images.clone().requires_grad_(True)
+    expected_code = reference_lite0(rep, x, straight_through(width))
+    (expected,) = torch.autograd.grad((expected_code * weights).sum(), x)
+    torch.testing.assert_close(expected_code.detach(), rep(images), rtol=1e-12, atol=1e-12)  # the layouts' rounding
+    for backward in (None, _native.smoothed_relu6_backward):  # the CPU kernel falls back on float64
+        y = images.clone().requires_grad_(True)
+        with rectifier_smoothing(width, backward):
+            code = rep(y)
+            (got,) = torch.autograd.grad((code * weights).sum(), y)
+        assert torch.equal(code.detach(), rep(images))
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        prepared = rep.input_layout(*size).prepare(images).requires_grad_(True)
+        with rectifier_smoothing(width, backward):
+            code = rep.forward_prepared(prepared)
+            (through_prepared,) = torch.autograd.grad((code * weights).sum(), prepared)
+        assert torch.equal(code.detach().contiguous(), rep(images))
+        # The prepared input is the pixels scaled by 2 (and padded): the gradient halves.
+        top, _, left, _ = rep.input_layout(*size).pad
+        torch.testing.assert_close(2 * through_prepared[..., top : top + size[0], left : left + size[1]], expected)
+
+
+@pytest.mark.parametrize("layer", ["blocks.1", "blocks.4", "head"])
+def test_with_relu6s_own_backward_the_hand_written_gradient_is_autograds_bit_for_bit(layer: str, monkeypatch) -> None:
+    """With the exact ReLU6 backward plugged in, the one-node pass equals autograd's, float32."""
+    rep = representation(f"efficientnet_lite0:{layer}")
+    images = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(2))
+    x = images.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(rep(x).square().sum(), x)
+
+    def exact(grad: torch.Tensor, pre: torch.Tensor, width: float, in_place: bool) -> torch.Tensor:
+        return torch.ops.aten.hardtanh_backward(grad, pre, 0.0, 6.0)
+
+    y = images.clone().requires_grad_(True)
+    with rectifier_smoothing(1.0, exact):
+        code = rep(y)
+        assert code.grad_fn is not None
+        (got,) = torch.autograd.grad(code.square().sum(), y)
+    assert torch.equal(got, expected)
+
+
+def test_outside_the_context_in_other_threads_and_at_width_zero_the_gradient_is_relu6s() -> None:
+    rep = representation("efficientnet_lite0:blocks.2")
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+
+    def gradient() -> torch.Tensor:
+        x = images.clone().requires_grad_(True)
+        return torch.autograd.grad(rep(x).square().sum(), x)[0]
+
+    exact = gradient()
     seen = {}
 
     def other() -> None:
-        seen["grad"] = torch.autograd.grad(smooth_relu6(x).sum(), x)[0]
+        seen["grad"] = gradient()
+        seen["state"] = current_smoothing()
 
+    assert current_smoothing() is None
     with rectifier_smoothing(1.0):
+        assert current_smoothing() is not None
         thread = threading.Thread(target=other)
         thread.start()
         thread.join()
-        assert not torch.equal(torch.autograd.grad(smooth_relu6(x).sum(), x)[0], exact)
+        assert not torch.equal(gradient(), exact)
         with rectifier_smoothing(0.0):  # nested: 0 is the true gradient again
-            assert torch.equal(torch.autograd.grad(smooth_relu6(x).sum(), x)[0], exact)
-    assert torch.equal(seen["grad"], exact)
-    assert torch.equal(torch.autograd.grad(smooth_relu6(x).sum(), x)[0], exact)
+            assert current_smoothing() is None
+            assert torch.equal(gradient(), exact)
+        with torch.no_grad():  # no gradient taken: the plain forward
+            assert torch.equal(rep(images), rep(images.clone()))
+    assert seen["state"] is None and torch.equal(seen["grad"], exact)
+    assert torch.equal(gradient(), exact)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 3.5, float("nan")])
@@ -77,14 +166,20 @@ def test_the_cpu_kernel_equals_the_torch_formulation(channels_last: bool, width:
     grad = torch.randn(2, 5, 9, 7, generator=generator)
     if channels_last:
         pre, grad = (t.contiguous(memory_format=torch.channels_last) for t in (pre, grad))
+    expected = smoothed_relu6_weight(pre, width) * grad
     got = _native.smoothed_relu6_backward(grad, pre, width)
-    torch.testing.assert_close(got, smoothed_relu6_weight(pre, width) * grad, atol=1e-6, rtol=1e-6)
-    # Layouts that differ fall back to torch's formulation, with the same result.
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert got.data_ptr() != grad.data_ptr()
+    # In place: into the gradient itself.
+    owned = grad.clone(memory_format=torch.preserve_format)
+    assert _native.smoothed_relu6_backward(owned, pre, width, True) is owned
+    torch.testing.assert_close(owned, got, atol=0, rtol=0)
+    # Layouts that differ fall back to torch's formulation, with the same result, in place too.
     mixed = _native.smoothed_relu6_backward(grad.contiguous(), pre.contiguous(memory_format=torch.channels_last), width)
     torch.testing.assert_close(mixed, got)
-    x = pre.clone().requires_grad_(True)
-    SmoothedReLU6.apply(x, width, _native.smoothed_relu6_backward).backward(grad)
-    torch.testing.assert_close(x.grad, got)
+    owned = grad.contiguous().clone()
+    assert _native.smoothed_relu6_backward(owned, pre.contiguous(memory_format=torch.channels_last), width, True) is owned
+    torch.testing.assert_close(owned, got)
 
 
 def test_lite0_defaults_by_stride_and_zero_elsewhere() -> None:

@@ -101,8 +101,9 @@ void invviz_clamp_into(float *fine, float *out, size_t count, int threads)
 }
 
 /* The gradient through a ReLU6 whose corners are rounded off `width` (0 < width <= 3) on either
- * side (representations/_surrogates.py, SmoothedReLU6): grad times min(pre + width, 6 + width - pre)
- * / (2 width), clamped to [0, 1]. Element by element, so any layout both tensors share. */
+ * side (representations/_surrogates.py, smoothed_relu6_weight): grad times min(pre + width,
+ * 6 + width - pre) / (2 width), clamped to [0, 1]. Element by element, so any layout both tensors
+ * share; `out` may be `grad` itself. */
 void invviz_smoothed_relu6_backward(const float *grad, const float *pre, float *out, size_t count, double width_,
                                     int threads)
 {

@@ -218,13 +218,14 @@ def clamp_into(fine: Tensor) -> Tensor:
     return out
 
 
-def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float) -> Tensor:
-    """``SmoothedReLU6``'s gradient (``representations._surrogates``) in one pass, for float32 CPU
-    tensors dense in one shared layout; torch's formulation for anything else."""
+def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float, in_place: bool = False) -> Tensor:
+    """The smoothed ReLU6's gradient (``representations._surrogates.smoothed_relu6_grad``) in one
+    pass, for float32 CPU tensors dense in one shared layout, written into ``grad`` when
+    ``in_place``; torch's formulation for anything else."""
     layout = memory_format(pre)
     if not (usable(grad, pre, memory_format=layout) and grad.stride() == pre.stride()):
-        return smoothed_relu6_grad(grad, pre, width)
-    out = torch.empty_like(pre)
+        return smoothed_relu6_grad(grad, pre, width, in_place)
+    out = grad if in_place else torch.empty_like(pre)
     _lib().invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
     return out
 

@@ -7,9 +7,10 @@ truncated at 0.2 that the target has lower stays high. ``reviving_clamp`` has th
 brings them back inside only. Used by the engine for codes that end in a clamp (``match``'s
 ``rectifier_slope``) and by HOG for its 0.2 truncation (``truncation_slope``).
 
-Inside a network, ``smooth_relu6`` is ReLU6 whose gradient is that of a smoothed ReLU6 while the
-calling thread is inside ``rectifier_smoothing(width)`` (the engine's steps), and ReLU6's own
-elsewhere: the values are always ReLU6's.
+Inside a network, the gradient of ReLU6 can be that of a smoothed ReLU6
+(``smoothed_relu6_grad``): while the calling thread is inside ``rectifier_smoothing(width)`` (the
+engine's steps), a network that supports it (EfficientNet-Lite0) takes its input gradient with
+each inner ReLU6's gradient smoothed. Its values are always ReLU6's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, autograd
 
 _smoothing = threading.local()
@@ -63,36 +63,23 @@ def reviving_clamp(pre: Tensor, low: float, high: float, slope: float) -> Tensor
 
 
 def smoothed_relu6_weight(pre: Tensor, width: float) -> Tensor:
-    """The derivative of ReLU6 with its corners rounded off ``width`` (0 < ``width`` ≤ 3) on either
-    side, at ``pre``: min(pre + width, 6 + width − pre) / (2 width), clamped to [0, 1] (1 inside
-    (``width``, 6 − ``width``), falling linearly to 0 at −``width`` and 6 + ``width``)."""
+    """The derivative of ReLU6 with its corners rounded off by parabolas ``width`` (0 < ``width`` ≤ 3)
+    wide on either side, at ``pre``: min(pre + width, 6 + width − pre) / (2 width), clamped to
+    [0, 1] (1 inside (``width``, 6 − ``width``), falling linearly to 0 at −``width`` and
+    6 + ``width``). Units just off, or just saturated, still pass part of the gradient, and the
+    gradient changes gradually as units switch instead of jumping."""
     return torch.minimum(pre, 6 - pre).add_(width).mul_(0.5 / width).clamp_(0, 1)
 
 
-#: ``(grad, pre, width) → the gradient of pre``: how ``SmoothedReLU6`` computes its gradient.
-Backward = Callable[[Tensor, Tensor, float], Tensor]
+#: ``(grad, pre, width, in_place) → the gradient of pre``: the smoothed ReLU6's backward, written
+#: into ``grad`` itself when ``in_place`` (the caller owns it), else into a new tensor.
+Backward = Callable[[Tensor, Tensor, float, bool], Tensor]
 
 
-def smoothed_relu6_grad(grad: Tensor, pre: Tensor, width: float) -> Tensor:
-    """``SmoothedReLU6``'s gradient of ``pre`` in torch (the CPU engine's kernel falls back to it)."""
-    return smoothed_relu6_weight(pre, width).mul_(grad)
-
-
-class SmoothedReLU6(autograd.Function):
-    """ReLU6 whose gradient is that of ReLU6 with its corners rounded off by parabolas ``width``
-    wide on either side (``smoothed_relu6_weight``): units just off, or just saturated, still get
-    part of the gradient, and the gradient changes gradually as units switch instead of jumping."""
-
-    @staticmethod
-    def forward(ctx: Any, pre: Tensor, width: float, backward: Backward) -> Tensor:
-        ctx.save_for_backward(pre)
-        ctx.width, ctx.backward = width, backward
-        return F.relu6(pre)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (pre,) = ctx.saved_tensors
-        return ctx.backward(grad, pre, ctx.width), None, None
+def smoothed_relu6_grad(grad: Tensor, pre: Tensor, width: float, in_place: bool = False) -> Tensor:
+    """The smoothed ReLU6's gradient of ``pre`` in torch (the CPU engine's kernel falls back to it)."""
+    weight = smoothed_relu6_weight(pre, width)
+    return grad.mul_(weight) if in_place else weight.mul_(grad)
 
 
 MAX_SMOOTHING = 3.0
@@ -108,9 +95,9 @@ def check_smoothing(value: object) -> float:
 
 @contextmanager
 def rectifier_smoothing(width: float, backward: Backward | None = None) -> Iterator[None]:
-    """While inside, in this thread, ``smooth_relu6`` takes ``SmoothedReLU6``'s gradient with this
-    ``width`` (0: ReLU6's own), computed by ``backward`` (default: torch's formulation; the engine
-    passes its one-pass CPU kernel)."""
+    """While inside, in this thread, networks that support it take their input gradient with each
+    inner ReLU6's gradient smoothed by this ``width`` (0: ReLU6's own), computed by ``backward``
+    (default: torch's formulation; the engine passes its one-pass CPU kernel)."""
     check_smoothing(width)
     before = getattr(_smoothing, "state", None)
     _smoothing.state = (width, backward or smoothed_relu6_grad) if width > 0 else None
@@ -120,10 +107,8 @@ def rectifier_smoothing(width: float, backward: Backward | None = None) -> Itera
         _smoothing.state = before
 
 
-def smooth_relu6(pre: Tensor) -> Tensor:
-    """``F.relu6(pre)``; inside ``rectifier_smoothing`` with a width > 0, ``SmoothedReLU6``'s gradient."""
-    state = getattr(_smoothing, "state", None)
-    if state is not None and pre.requires_grad:
-        result: Tensor = SmoothedReLU6.apply(pre, *state)
-        return result
-    return F.relu6(pre)
+def current_smoothing() -> tuple[float, Backward] | None:
+    """The width (> 0) and backward of the innermost ``rectifier_smoothing`` this thread is in, or
+    ``None`` (outside any, or inside one of width 0)."""
+    state: tuple[float, Backward] | None = getattr(_smoothing, "state", None)
+    return state

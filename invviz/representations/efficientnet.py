@@ -13,15 +13,16 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, autograd, nn
 
 from . import register_representation
 from ._base import ColourBasis, InputLayout, Representation, channels_last_on_cpu, load_state_dict_file
 from ._geometry import Window
-from ._surrogates import smooth_relu6
+from ._surrogates import Backward, current_smoothing
 
 __all__ = ["EfficientNetLite0", "imagenet_weights_path"]
 
@@ -88,17 +89,22 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: Tensor, padded: bool = False) -> Tensor:
         """``padded``: ``x`` already carries the padding (``same_padding``) of a stride-2 dense
         convolution, as ``EfficientNetLite0.input_layout`` prepares the stem's input."""
-        if self.window.stride == 1:
-            return super().forward(x)
-        if padded:
-            assert self.groups == 1, "only dense stride-2 convolutions take a padded input"
-            return super().forward(x)
+        x, weight, padding, _ = self.plan(x, padded)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def plan(self, x: Tensor, padded: bool = False) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, ...] | None]:
+        """What ``F.conv2d`` is given for ``x``: the input (a padded copy where "same" needs one), the
+        weight and the padding; and the copy's ``F.pad`` amounts, or ``None`` where there is no copy."""
+        symmetric = (int(self.padding[0]), int(self.padding[1]))
+        if self.window.stride == 1 or padded:
+            assert self.window.stride == 1 or self.groups == 1, "only dense stride-2 convolutions take a padded input"
+            return x, self.weight, symmetric, None
         (top, bottom), (left, right) = self.same_padding(x.shape[-2]), self.same_padding(x.shape[-1])
         if self.groups == 1:
-            return super().forward(F.pad(x, (left, right, top, bottom)))
+            amounts = (left, right, top, bottom)
+            return F.pad(x, amounts), self.weight, (0, 0), amounts
         # The extra pixel after (bottom = top + 1) becomes a leading zero tap and symmetric padding.
-        weight = F.pad(self.weight, (right - left, 0, bottom - top, 0))
-        return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), groups=self.groups)
+        return x, F.pad(self.weight, (right - left, 0, bottom - top, 0)), (bottom, right), None
 
     def same_padding(self, n: int) -> tuple[int, int]:
         """Zeros before and after an axis of ``n`` input pixels (stride-2 convolutions)."""
@@ -143,7 +149,7 @@ class ConvBN(nn.Module):
         """``padded``: ``x`` already carries the convolution's "same" padding (see ``SameConv2d``);
         ``relu=False`` leaves out the ReLU6."""
         x = self.conv(x, padded=padded)
-        return smooth_relu6(x) if self.relu and relu else x
+        return F.relu6(x) if self.relu and relu else x
 
     def windows(self) -> list[Window]:
         return [self.conv.window]
@@ -181,6 +187,109 @@ class GlobalAveragePool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3))
+
+
+_convolution_backward = torch.ops.aten.convolution_backward.default
+
+
+def _taped(x: Tensor, stages: Sequence[nn.Module], padded: bool, tape: list[tuple[Any, ...]]) -> Tensor:
+    """``x`` through ``stages`` (``ConvBN`` and ``MBConv`` only; ``padded``: the first takes an
+    input that carries its padding) without autograd, appending to ``tape`` what
+    ``_taped_backward`` needs: each convolution's input, weight and geometry, each ReLU6's input,
+    and where each block with a skip connection begins and ends."""
+
+    def conv_bn(layer: ConvBN, x: Tensor, padded: bool = False) -> Tensor:
+        conv = layer.conv
+        x, weight, padding, amounts = conv.plan(x, padded)
+        tape.append(("conv", x, weight, conv.stride, padding, conv.groups, amounts))
+        y = F.conv2d(x, weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        if layer.relu:
+            tape.append(("relu", y))
+            y = F.relu6(y)
+        return y
+
+    for index, stage in enumerate(stages):
+        if isinstance(stage, ConvBN):
+            x = conv_bn(stage, x, padded and index == 0)
+            continue
+        assert isinstance(stage, MBConv)
+        tape.append(("begin", stage.residual))
+        y = conv_bn(stage.expand, x) if stage.expand is not None else x
+        y = conv_bn(stage.project, conv_bn(stage.depthwise, y))
+        tape.append(("end", stage.residual))
+        x = x + y if stage.residual else y
+    return x
+
+
+def _taped_backward(tape: list[tuple[Any, ...]], grad: Tensor, width: float, backward: Backward) -> Tensor:
+    """The gradient of the taped stages' input, from ``grad`` of their output, each ReLU6's gradient
+    smoothed by ``width`` (computed by ``backward``). Gradients this makes are updated in place;
+    ``grad`` itself is left as it is."""
+    owned = False  # whether ``grad`` is a tensor made here, which nothing else holds
+    skips: list[Tensor | None] = []
+    for record in reversed(tape):
+        kind = record[0]
+        if kind == "relu":
+            grad, owned = backward(grad, record[1], width, owned), True
+        elif kind == "conv":
+            _, x, weight, stride, padding, groups, amounts = record
+            grad = _convolution_backward(
+                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (True, False, False)
+            )[0]
+            owned = True
+            if amounts is not None:  # the adjoint of F.pad: the unpadded part
+                left, right, top, bottom = amounts
+                grad, owned = grad[..., top : grad.shape[-2] - bottom, left : grad.shape[-1] - right], False
+        elif kind == "end":  # a block's output: its skip connection takes the same gradient
+            skips.append(grad if record[1] else None)
+            owned = False
+        else:  # "begin": the block's input gets the skip's gradient too
+            skip = skips.pop()
+            if skip is not None:
+                grad = grad.add_(skip) if owned else grad + skip
+                owned = True
+    return grad
+
+
+class _SmoothedStages(autograd.Function):
+    """Stages of ``ConvBN`` and ``MBConv`` as one autograd node: the values of the network, and its
+    input gradient by hand (``_taped_backward``) with every ReLU6's gradient smoothed.
+
+    One node instead of one per operation, and gradients updated in place, make this pass cheaper
+    than autograd's through the same network; the smoothed gradient then costs nothing on top.
+    Torch's own operations compute every step (``convolution_backward``, as autograd would), so
+    with the exact ReLU6 backward the gradient equals autograd's bit for bit (tested). No graph is
+    recorded inside, so there is no double backward; only the engine's steps come here (inside
+    ``rectifier_smoothing``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, stages: Sequence[nn.Module], padded: bool, width: float, backward: Backward) -> Tensor:
+        tape: list[tuple[Any, ...]] = []
+        out = _taped(x, stages, padded, tape)
+        ctx.tape, ctx.width, ctx.backward = tape, width, backward
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        tape, ctx.tape = ctx.tape, None  # the saved activations go as soon as they are used
+        return _taped_backward(tape, grad, ctx.width, ctx.backward), None, None, None, None
+
+
+def _run_stages(x: Tensor, stages: nn.ModuleList, padded: bool) -> Tensor:
+    """``x`` through ``stages`` (``padded``: the first is the stem, given an input that carries its
+    padding). Inside ``rectifier_smoothing`` with a width > 0, and where a gradient will be taken,
+    the convolutional stages are one ``_SmoothedStages`` node."""
+    smoothing = current_smoothing()
+    taped = 0
+    if smoothing is not None and x.requires_grad and torch.is_grad_enabled():
+        while taped < len(stages) and isinstance(stages[taped], (ConvBN, MBConv)):
+            taped += 1
+    if taped:
+        assert smoothing is not None
+        x = _SmoothedStages.apply(x, stages[:taped], padded, *smoothing)
+    for index, stage in enumerate(stages[taped:], start=taped):
+        x = stage(x, padded=True) if padded and index == 0 else stage(x)
+    return x
 
 
 def _build_stages() -> list[nn.Module]:
@@ -294,9 +403,7 @@ class EfficientNetLite0(Representation):
     def _through(images: Tensor, stages: nn.ModuleList, layout: bool = True) -> Tensor:
         """``images`` through ``stages``; the result in the default layout unless ``layout`` is False."""
         # The network was trained on pixels scaled to [-1, 1].
-        x = channels_last_on_cpu(images * 2 - 1)
-        for stage in stages:
-            x = stage(x)
+        x = _run_stages(channels_last_on_cpu(images * 2 - 1), stages, padded=False)
         return x.contiguous() if layout else x
 
     def input_layout(self, height: int, width: int) -> InputLayout:
@@ -312,11 +419,8 @@ class EfficientNetLite0(Representation):
     @staticmethod
     def _through_prepared(prepared: Tensor, stages: nn.ModuleList, layout: bool = True) -> Tensor:
         """``_through`` for an input ``input_layout`` prepared: the stem's convolution has its padding."""
-        stem = stages[0]
-        assert isinstance(stem, ConvBN)
-        x = stem(prepared, padded=True)
-        for stage in stages[1:]:
-            x = stage(x)
+        assert isinstance(stages[0], ConvBN)
+        x = _run_stages(prepared, stages, padded=True)
         return x.contiguous() if layout else x
 
     def default_tv_weight(self) -> float:
@@ -350,7 +454,7 @@ class EfficientNetLite0(Representation):
 
     @property
     def smooths_rectifiers(self) -> bool:
-        """Every layer past ``stem`` passes ReLU6s that ``smooth_relu6`` smooths (``stem``'s own
+        """Every layer past ``stem`` passes ReLU6s whose gradient the engine smooths (``stem``'s own
         ends the code and takes ``rectifier_slope`` instead)."""
         rectifiers = sum(isinstance(m, ConvBN) and m.relu for m in self.stages.modules())
         return rectifiers > (1 if self.ends_in_rectifier else 0)
