@@ -238,3 +238,19 @@ def test_smoothing_lowers_the_error_of_a_short_run() -> None:
     errors = {w: invert(rep, photo, settings=Settings(iters=30, rectifier_smoothing=w), device="cpu").feature_error[0]
               for w in (0.0, 3.0)}
     assert errors[3.0] < errors[0.0] - 0.01, errors
+
+
+def test_the_kernel_bound_for_a_run_equals_the_wrapper_and_honours_invviz_native(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(5)
+    pre = (torch.randn(1, 6, 8, 8, generator=generator) * 4 + 3).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(1, 6, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+    expected = smoothed_relu6_weight(pre, 1.5) * grad
+    bound = _native.smoothed_relu6_backward_for_run()
+    torch.testing.assert_close(bound(grad, pre, 1.5, False), expected)
+    torch.testing.assert_close(bound(grad.contiguous(), pre, 1.5, False), expected)  # mixed layouts: torch's
+    torch.testing.assert_close(bound(grad.double(), pre.double(), 1.5, False), expected.double())
+    owned = grad.clone(memory_format=torch.preserve_format)
+    assert bound(owned, pre, 1.5, True) is owned
+    torch.testing.assert_close(owned, expected)
+    monkeypatch.setenv("INVVIZ_NATIVE", "0")
+    assert _native.smoothed_relu6_backward_for_run() is smoothed_relu6_grad

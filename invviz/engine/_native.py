@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..representations import InputLayout
-from ..representations._surrogates import smoothed_relu6_grad
+from ..representations._surrogates import Backward, smoothed_relu6_grad
 from ._threads import openmp_runtimes
 
 SOURCE = Path(__file__).with_name("_native.c")
@@ -225,9 +225,36 @@ def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float, in_place: b
     layout = memory_format(pre)
     if not (usable(grad, pre, memory_format=layout) and grad.stride() == pre.stride()):
         return smoothed_relu6_grad(grad, pre, width, in_place)
+    return _smoothed_relu6_kernel(_lib(), grad, pre, width, in_place)
+
+
+def _smoothed_relu6_kernel(lib: ctypes.CDLL, grad: Tensor, pre: Tensor, width: float, in_place: bool) -> Tensor:
     out = grad if in_place else torch.empty_like(pre)
-    _lib().invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
+    lib.invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
     return out
+
+
+def smoothed_relu6_backward_for_run() -> Backward:
+    """``smoothed_relu6_backward`` with the library looked up once, for the many calls of one run:
+    a step through Lite0 makes one per rectifier, where looking the kernels up again (and reading
+    ``INVVIZ_NATIVE``) would cost a few µs each. Torch's formulation when the kernels are off."""
+    lib = library()
+    if lib is None:
+        return smoothed_relu6_grad
+
+    def backward(grad: Tensor, pre: Tensor, width: float, in_place: bool = False) -> Tensor:
+        if not (
+            pre.dtype == torch.float32
+            and grad.dtype == torch.float32
+            and pre.device.type == "cpu"
+            and grad.device.type == "cpu"
+            and grad.stride() == pre.stride()
+            and pre.is_contiguous(memory_format=memory_format(pre))
+        ):
+            return smoothed_relu6_grad(grad, pre, width, in_place)
+        return _smoothed_relu6_kernel(lib, grad, pre, width, in_place)
+
+    return backward
 
 
 def upsample_adjoint(grad: Tensor, coarse_size: tuple[int, int]) -> Tensor:

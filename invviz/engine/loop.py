@@ -884,6 +884,7 @@ def invert(
     else:
         take_step = _torch_stepper(pyramid, objective, settings, view, shifted, check)
 
+    smoothed_backward = _native.smoothed_relu6_backward_for_run()
     feature_errors = _feature_errors(objective)
     history: dict[str, list[list[float]]] = {name: [] for name in objective.names}
     began = time.perf_counter()
@@ -894,7 +895,7 @@ def invert(
             stopped = True
             break
         tv_factor = _tv_factor(settings, step) if scheduled else 1.0
-        with rectifier_smoothing(_smoothing(settings, step) if scheduled else 0.0, _native.smoothed_relu6_backward):
+        with rectifier_smoothing(_smoothing(settings, step) if scheduled else 0.0, smoothed_backward):
             last_good, values = take_step(step, _learning_rate(settings, step), tv_factor)
         steps = step + 1
         for name, per_image in values.items():

@@ -279,15 +279,16 @@ def _run_stages(x: Tensor, stages: nn.ModuleList, padded: bool) -> Tensor:
     """``x`` through ``stages`` (``padded``: the first is the stem, given an input that carries its
     padding). Inside ``rectifier_smoothing`` with a width > 0, and where a gradient will be taken,
     the convolutional stages are one ``_SmoothedStages`` node."""
+    modules = tuple(stages)  # slicing a ModuleList builds a new module each time
     smoothing = current_smoothing()
     taped = 0
     if smoothing is not None and x.requires_grad and torch.is_grad_enabled():
-        while taped < len(stages) and isinstance(stages[taped], (ConvBN, MBConv)):
+        while taped < len(modules) and isinstance(modules[taped], (ConvBN, MBConv)):
             taped += 1
     if taped:
         assert smoothing is not None
-        x = _SmoothedStages.apply(x, stages[:taped], padded, *smoothing)
-    for index, stage in enumerate(stages[taped:], start=taped):
+        x = _SmoothedStages.apply(x, modules[:taped], padded, *smoothing)
+    for index, stage in enumerate(modules[taped:], start=taped):
         x = stage(x, padded=True) if padded and index == 0 else stage(x)
     return x
 
