@@ -12,7 +12,14 @@ on the thread's next parallel op, at the cost of starting its threads.
 The worker also pays for glibc's allocator: a thread's arena serves the multi-megabyte
 activations with fresh ``mmap``s, ~3,400 page faults per step of the same net (none on the main
 thread, whose threshold adapts). ``keep_freed_memory`` fixes the thresholds so freed blocks are
-reused: 0 faults per step, at the price of the process keeping what it freed for reuse.
+reused: 0 faults per step, at the price of the process keeping what it freed for reuse. The
+thresholds do not govern a thread arena's heaps (64 MiB each), which glibc unmaps whenever one falls
+empty: in about half of the processes a job's worker still paid 400-3,400 page faults per step
+(1.3-1.4x the main thread's step), depending on where its peak fell. So ``keep_freed_memory`` also
+caps the arenas at one, glibc's main arena, which every thread created afterwards shares (the
+threads compute one at a time here, so they hardly contend for it); ``invviz.engine`` calls it on
+import, before torch has started threads of its own: 0 of 6 processes slow against 2 of 5 with
+the thresholds alone.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ _OMP_PAUSE_SOFT = 1
 #: glibc ``mallopt`` parameters and the largest mmap threshold it accepts on 64-bit (32 MiB).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
@@ -66,9 +74,10 @@ def release_idle_pool() -> None:
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Have glibc reuse freed blocks up to 32 MiB instead of unmapping them (once per process).
+    """Have glibc reuse freed blocks up to 32 MiB instead of unmapping them, and give threads that
+    have no arena yet its main one (once per process).
 
-    Returns whether the allocator took the setting (False off glibc).
+    Returns whether the allocator took the thresholds (False off glibc).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -79,4 +88,5 @@ def keep_freed_memory() -> bool:
     # Trimming is limited too: otherwise the top of the heap goes back to the system at each free.
     trimmed = mallopt(_M_TRIM_THRESHOLD, 2 * _MAX_MMAP_THRESHOLD)
     mapped = mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
+    mallopt(_M_ARENA_MAX, 1)
     return bool(trimmed and mapped)
