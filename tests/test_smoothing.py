@@ -81,7 +81,7 @@ def test_lite0s_hand_written_gradient_is_the_straight_through_oracles(layer: str
     expected_code = reference_lite0(rep, x, straight_through(width))
     (expected,) = torch.autograd.grad((expected_code * weights).sum(), x)
     torch.testing.assert_close(expected_code.detach(), rep(images), rtol=1e-12, atol=1e-12)  # the layouts' rounding
-    for backward in (None, _native.smoothed_relu6_backward):  # the CPU kernel falls back on float64
+    for backward in (None, _native.smoothed_relu6_backward_for_run()):  # the CPU kernel falls back on float64
         y = images.clone().requires_grad_(True)
         with rectifier_smoothing(width, backward):
             code = rep(y)
@@ -167,18 +167,19 @@ def test_the_cpu_kernel_equals_the_torch_formulation(channels_last: bool, width:
     if channels_last:
         pre, grad = (t.contiguous(memory_format=torch.channels_last) for t in (pre, grad))
     expected = smoothed_relu6_weight(pre, width) * grad
-    got = _native.smoothed_relu6_backward(grad, pre, width)
+    kernel = _native.smoothed_relu6_backward_for_run()
+    got = kernel(grad, pre, width, False)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     assert got.data_ptr() != grad.data_ptr()
     # In place: into the gradient itself.
     owned = grad.clone(memory_format=torch.preserve_format)
-    assert _native.smoothed_relu6_backward(owned, pre, width, True) is owned
+    assert kernel(owned, pre, width, True) is owned
     torch.testing.assert_close(owned, got, atol=0, rtol=0)
     # Layouts that differ fall back to torch's formulation, with the same result, in place too.
-    mixed = _native.smoothed_relu6_backward(grad.contiguous(), pre.contiguous(memory_format=torch.channels_last), width)
+    mixed = kernel(grad.contiguous(), pre.contiguous(memory_format=torch.channels_last), width, False)
     torch.testing.assert_close(mixed, got)
     owned = grad.contiguous().clone()
-    assert _native.smoothed_relu6_backward(owned, pre.contiguous(memory_format=torch.channels_last), width, True) is owned
+    assert kernel(owned, pre.contiguous(memory_format=torch.channels_last), width, True) is owned
     torch.testing.assert_close(owned, got)
 
 
@@ -240,7 +241,7 @@ def test_smoothing_lowers_the_error_of_a_short_run() -> None:
     assert errors[3.0] < errors[0.0] - 0.01, errors
 
 
-def test_the_kernel_bound_for_a_run_equals_the_wrapper_and_honours_invviz_native(monkeypatch) -> None:
+def test_the_kernel_bound_for_a_run_falls_back_on_other_dtypes_and_honours_invviz_native(monkeypatch) -> None:
     generator = torch.Generator().manual_seed(5)
     pre = (torch.randn(1, 6, 8, 8, generator=generator) * 4 + 3).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(1, 6, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)

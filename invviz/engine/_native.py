@@ -172,11 +172,15 @@ def usable(*tensors: Tensor, memory_format: torch.memory_format = torch.contiguo
     """Whether the kernels can work on these tensors: built, on the CPU, contiguous float32 (4-d
     ones contiguous in ``memory_format``; the data term's kernels work on channels-last codes
     too, element by element in memory order)."""
-    return library() is not None and all(
+    return library() is not None and all(_dense_float32(t, memory_format) for t in tensors)
+
+
+def _dense_float32(t: Tensor, memory_format: torch.memory_format) -> bool:
+    """``usable``'s test of one tensor, the library aside."""
+    return (
         t.device.type == "cpu"
         and t.dtype == torch.float32
         and (t.is_contiguous(memory_format=memory_format) if t.dim() == 4 else t.is_contiguous())
-        for t in tensors
     )
 
 
@@ -218,41 +222,23 @@ def clamp_into(fine: Tensor) -> Tensor:
     return out
 
 
-def smoothed_relu6_backward(grad: Tensor, pre: Tensor, width: float, in_place: bool = False) -> Tensor:
+def smoothed_relu6_backward_for_run() -> Backward:
     """The smoothed ReLU6's gradient (``representations._surrogates.smoothed_relu6_grad``) in one
     pass, for float32 CPU tensors dense in one shared layout, written into ``grad`` when
-    ``in_place``; torch's formulation for anything else."""
-    layout = memory_format(pre)
-    if not (usable(grad, pre, memory_format=layout) and grad.stride() == pre.stride()):
-        return smoothed_relu6_grad(grad, pre, width, in_place)
-    return _smoothed_relu6_kernel(_lib(), grad, pre, width, in_place)
-
-
-def _smoothed_relu6_kernel(lib: ctypes.CDLL, grad: Tensor, pre: Tensor, width: float, in_place: bool) -> Tensor:
-    out = grad if in_place else torch.empty_like(pre)
-    lib.invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
-    return out
-
-
-def smoothed_relu6_backward_for_run() -> Backward:
-    """``smoothed_relu6_backward`` with the library looked up once, for the many calls of one run:
-    a step through Lite0 makes one per rectifier, where looking the kernels up again (and reading
-    ``INVVIZ_NATIVE``) would cost a few µs each. Torch's formulation when the kernels are off."""
+    ``in_place``; torch's formulation for anything else, and when the kernels are off. The library
+    is looked up once, for the many calls of one run: a step through Lite0 makes one per rectifier,
+    where looking the kernels up again (and reading ``INVVIZ_NATIVE``) would cost a few µs each."""
     lib = library()
     if lib is None:
         return smoothed_relu6_grad
 
     def backward(grad: Tensor, pre: Tensor, width: float, in_place: bool = False) -> Tensor:
-        if not (
-            pre.dtype == torch.float32
-            and grad.dtype == torch.float32
-            and pre.device.type == "cpu"
-            and grad.device.type == "cpu"
-            and grad.stride() == pre.stride()
-            and pre.is_contiguous(memory_format=memory_format(pre))
-        ):
+        layout = memory_format(pre)
+        if not (grad.stride() == pre.stride() and _dense_float32(pre, layout) and _dense_float32(grad, layout)):
             return smoothed_relu6_grad(grad, pre, width, in_place)
-        return _smoothed_relu6_kernel(lib, grad, pre, width, in_place)
+        out = grad if in_place else torch.empty_like(pre)
+        lib.invviz_smoothed_relu6_backward(grad.data_ptr(), pre.data_ptr(), out.data_ptr(), pre.numel(), width, threads())
+        return out
 
     return backward
 

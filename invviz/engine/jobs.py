@@ -22,7 +22,7 @@ from torch import Tensor
 from ..images import png_bytes
 from ..representations import Representation
 from ._device import resolve_device
-from ._threads import keep_freed_memory, release_idle_pool
+from ._threads import release_idle_pool
 from .loop import DivergenceError, InversionResult, Settings, Step, invert
 from .objectives import Objective
 
@@ -356,7 +356,6 @@ class InversionEngine:
                     active.cancel()
             self._active.append(job)
             if self._thread is None:
-                keep_freed_memory()
                 self._thread = threading.Thread(
                     target=_work, args=(self._jobs, self.max_rate), name="invviz-engine", daemon=True
                 )

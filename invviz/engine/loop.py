@@ -22,7 +22,6 @@ from ..representations._base import ColourBasis
 from ..representations._surrogates import check_smoothing, rectifier_smoothing
 from . import _native
 from ._device import resolve_device
-from ._threads import keep_freed_memory
 from .flat import FlatRegions
 from .objectives import (
     MEAN_PIXEL,
@@ -120,8 +119,8 @@ class Settings:
       jumping, so Adam can take longer steps through the network's kinks. With the default
       objective only (a custom ``objective`` gets the network's true gradient). At 200 steps on the
       8 scikit-image photos it took the mean error of blocks.1 0.086 → 0.047 and blocks.4 0.110 →
-      0.085, and at 100 steps blocks.4 0.147 → 0.105; a step costs about 0.1 ms more per rectifier
-      on the CPU.
+      0.085, and at 100 steps blocks.4 0.147 → 0.105. Lite0 computes that gradient by hand, in
+      one autograd node, and a step costs about what it does with the true gradient (the README).
     - ``flat_regions``: for codes where an all-zero cell means an exactly flat image under it
       (HOG, HOGb, DSIFT: ``Representation.zero_means_flat``), the pixels under the target's
       all-zero cells are held flat, one value per connected region (see ``engine.flat``). Only
@@ -842,10 +841,6 @@ def invert(
     start = start.to(dev, torch.float32)
     # The fused CPU kernels do the same arithmetic as the torch path in a fraction of the time.
     native = dev.type == "cpu" and settings.optimizer == "adam" and _native.usable(start)
-    if dev.type == "cpu":
-        # Each step frees and reallocates the same buffers; have glibc keep them for reuse, as the
-        # background engine does (where, without it, a step paid ~3,400 page faults).
-        keep_freed_memory()
     pyramid = _Pyramid(start, settings.pyramid_levels, native, colour_basis(settings, channels))
     generator = torch.Generator().manual_seed(settings.seed + 1)
     jittered_steps = round(settings.iters * (1 - UNJITTERED_FRACTION))
