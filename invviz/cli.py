@@ -35,9 +35,9 @@ from .images import image_grid, load_image, save_image
 from .representations import (
     Representation,
     available_models,
+    default_input_size,
     layer_table,
     model_layers,
-    model_native_size,
     model_options,
     representation,
 )
@@ -439,7 +439,7 @@ def _layers_command(args: argparse.Namespace) -> None:
     if args.weights is not None and not takes_weights:
         raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
     options = {"weights": args.weights or "random"} if takes_weights else {}
-    size = args.size or model_native_size(args.model) or 224
+    size = args.size or default_input_size(args.model)
     rows = layer_table(args.model, size, **options)  # all computed before the table starts
     width = max(14, *(len(row.layer) for row in rows))  # module paths can be long (a ViT's)
     print(f"{'layer':<{width}} {'code shape':<18} {'receptive field':<16} stride   (input {size}×{size})")

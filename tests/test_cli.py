@@ -127,6 +127,9 @@ def test_models_and_layers(capsys) -> None:
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "32×112×112" in lines["stem"] and "1280×7×7" in lines["head"] and "1000" in lines["logits"]
     assert "whole image" in lines["pool"]
+    assert "(input 224×224)" in out.splitlines()[0]
+    code, out, _ = run_cli(capsys, "layers", "hog")  # no native size: the tables' default, 224
+    assert code == 0 and "(input 224×224)" in out.splitlines()[0] and "31×28×28" in out
 
 
 def _truncated_png(path: Path) -> Path:

@@ -22,6 +22,7 @@ __all__ = [
     "Representation",
     "Window",
     "available_models",
+    "default_input_size",
     "every_layer",
     "layer_table",
     "model_is_grey",
@@ -109,6 +110,12 @@ def model_native_size(model: str) -> int | None:
     return _lookup(model).native_size
 
 
+def default_input_size(model: str) -> int:
+    """The input size used where none is given for tables and shapes: ``model``'s native size, else
+    224 (HOG and SIFT, which have none)."""
+    return model_native_size(model) or 224
+
+
 def model_options(model: str) -> tuple[str, ...]:
     """Keyword options ``representation(model, ...)`` accepts (e.g. ``weights``, ``cell_size``)."""
     parameters = inspect.signature(_lookup(model).__init__).parameters
@@ -159,7 +166,7 @@ def layer_table(model: str, size: int | None = None, **options: Any) -> list[Lay
     one forward pass per image for all of them), others one by one.
     """
     reps = list(every_layer(model, **options))
-    size = size or model_native_size(model) or 224
+    size = size or default_input_size(model)
     measured = type(reps[0]).measure_layers(reps, size, size)
     rows = []
     for rep in reps:
