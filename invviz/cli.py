@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from .engine import DivergenceError, InversionResult, Settings, Step, resolve_device
+from .engine import DivergenceError, InversionResult, Settings, Step, invert, resolve_device
 from .engine.analyses import (
     channel_gallery,
     channel_mask,
@@ -80,6 +80,12 @@ non_negative_float = _number(float, minimum=0)
 MAX_SIZE, MAX_RESTARTS = 4096, 256
 #: Largest --iters: a 224² Lite0 head inversion of that many steps takes about a day on a CPU.
 MAX_ITERS = 1_000_000
+
+
+def _folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("got an empty folder name")
+    return Path(text)
 
 
 def code_window(text: str) -> tuple[int, int, int, int]:
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--weights", help="CNN weights used to build the model (default random: shapes do not depend on them)")
 
     demo = commands.add_parser("demo", help="reconstruct a sample photo at six depths of the bundled model")
-    demo.add_argument("--out", type=Path, default=Path("invviz-demo"), help="output folder")
+    demo.add_argument("--out", type=_folder, default=Path("invviz-demo"), help="output folder")
     demo.add_argument("--iters", type=positive_int, default=DEFAULT_ITERS)
     demo.add_argument("--image", help="an image file instead of the bundled sample")
     demo.add_argument("--device", default="auto")
@@ -193,8 +199,21 @@ def _check_output(path: Path, suffixes: tuple[str, ...] = (), option: str = "--o
         raise UsageError(f"{option}: output folder does not exist: {path.parent}")
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a directory")
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{option}: {path} is a link to a missing file")
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise UsageError(f"{option}: {path} is not writable")
+
+
+def _check_inputs_kept(args: argparse.Namespace, outputs: Sequence[Path]) -> None:
+    """Refuse outputs that would overwrite the input image or the --weights file."""
+    inputs = [("the input image", Path(args.image))]
+    if getattr(args, "weights", None) and args.weights not in ("imagenet", "random"):
+        inputs.append(("the --weights file", Path(args.weights)))
+    for path in outputs:
+        for what, source in inputs:
+            if _same_file(path, source):
+                raise UsageError(f"{path} is {what}: choose another --out / --metrics, it would be overwritten")
 
 
 def _same_file(path: Path, other: Path) -> bool:
@@ -222,6 +241,16 @@ class ProgressBar:
     When stderr is not a terminal (logs, CI) only the finished line is written.
     """
 
+    #: Whether a live bar's line is on the terminal without its newline yet.
+    _open_line = False
+
+    @classmethod
+    def end_live_line(cls) -> None:
+        """End a live bar's unfinished line, so that what follows starts a line of its own."""
+        if cls._open_line:
+            sys.stderr.write("\n")
+            cls._open_line = False
+
     def __init__(self, label: str, enabled: bool = True) -> None:
         self.label = label
         self.enabled = enabled
@@ -247,6 +276,7 @@ class ProgressBar:
         padded = line.ljust(self._drawn) if self.live else line
         self._drawn = len(line)
         sys.stderr.write(("\r" if self.live else "") + padded + ("\n" if finished else ""))
+        ProgressBar._open_line = self.live and not finished
         sys.stderr.flush()
 
 
@@ -263,16 +293,14 @@ def _invert_command(args: argparse.Namespace) -> None:
         _check_output(args.metrics, option="--metrics")
         if any(_same_file(args.metrics, path) for path in outputs):
             raise UsageError(f"--metrics {args.metrics} would overwrite an image this run writes")
-    for path in [*outputs, *([args.metrics] if args.metrics is not None else [])]:
-        if _same_file(path, Path(args.image)):
-            raise UsageError(f"{path} is the input image: choose another --out / --metrics, it would be overwritten")
+    _check_inputs_kept(args, [*outputs, *([args.metrics] if args.metrics is not None else [])])
     if args.channels_together and args.channels is None:
         raise UsageError("--channels-together needs --channels")
     if gallery and args.restarts > 1:
         raise UsageError("--restarts cannot be combined with a per-channel gallery; add --channels-together")
     rep = _representation(args)
     _check_applicable(args, rep)
-    image = load_image(args.image, args.size or rep.native_size)
+    image = load_image(args.image, args.size or rep.native_size, max_side=MAX_SIZE)
     if args.jitter >= max(image.shape[1:]):
         raise UsageError(f"--jitter must be smaller than the image ({image.shape[1]}×{image.shape[2]}), got {args.jitter}")
     if not args.grey and not rep.grayscale and bool((image == image[:1]).all()):
@@ -312,7 +340,10 @@ def _invert_command(args: argparse.Namespace) -> None:
     if channels is not None:
         selected = channel_mask(code_shape, channels)
         mask = selected if mask is None else mask & selected
-    result = restarts(rep, image, args.restarts, mask=mask, settings=settings, device=args.device, on_step=progress)
+    if args.restarts > 1:
+        result = restarts(rep, image, args.restarts, mask=mask, settings=settings, device=args.device, on_step=progress)
+    else:
+        result = invert(rep, image, mask=mask, settings=settings, device=args.device, on_step=progress)
     files = [args.out] + [_sibling(args.out, str(k)) for k in range(2, args.restarts + 1)]
     for file, reconstruction in zip(files, result.images):
         save_image(reconstruction, file)
@@ -401,25 +432,28 @@ def _write_receptive_fields(args: argparse.Namespace, rep: Representation, image
 def _report(
     result: InversionResult, files: Sequence[Path], metrics: Path | None, extra: dict[str, object] | None = None
 ) -> None:
-    for file, error in zip(files, result.feature_error):
-        polished = f" + {result.polished} polishing rounds" if result.polished else ""
-        print(f"{file}: feature error {error:.4f} ({result.steps} iterations{polished}, {result.seconds:.1f} s)")
-    if metrics is not None:
+    if metrics is not None:  # before anything is printed, which could fail on an odd file name
         record = result.metrics()
         record["results"] = [{"file": str(f), "feature_error": e} for f, e in zip(files, result.feature_error)]
         record.update(extra or {})
         metrics.write_text(json.dumps(record, indent=2))
+    for file, error in zip(files, result.feature_error):
+        polished = f" + {result.polished} polishing rounds" if result.polished else ""
+        print(f"{file}: feature error {error:.4f} ({result.steps} iterations{polished}, {result.seconds:.1f} s)")
 
 
 def _features_command(args: argparse.Namespace) -> None:
     _check_output(args.out, (".npy",))
     _check_sizes(args)
+    _check_inputs_kept(args, [args.out])
     rep = _representation(args)
     device = resolve_device(args.device)
-    image = load_image(args.image, args.size or rep.native_size)
+    image = load_image(args.image, args.size or rep.native_size, max_side=MAX_SIZE)
     rep.code_shape(*image.shape[1:])  # a clear error if the layer cannot take an image this small
     with torch.no_grad():
         code = rep.to(device)(image[None].to(device))[0]
+    if not bool(torch.isfinite(code).all()):
+        raise UsageError("the code has NaN or infinite entries (are the weights sound?); nothing written")
     with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to "F.NPY"
         np.save(file, code.float().cpu().numpy().astype(np.float32))
     print(f"{args.out}: {rep.spec} code of shape {tuple(code.shape)}")
@@ -438,6 +472,8 @@ def _layers_command(args: argparse.Namespace) -> None:
     takes_weights = "weights" in model_options(args.model)
     if args.weights is not None and not takes_weights:
         raise UsageError(f"{args.model} has no weights; --weights applies to CNN models")
+    if args.weights == "":
+        raise UsageError("--weights got an empty name")
     options = {"weights": args.weights or "random"} if takes_weights else {}
     size = args.size or default_input_size(args.model)
     rows = layer_table(args.model, size, **options)  # all computed before the table starts
@@ -467,20 +503,34 @@ def _attach_window_values(argv: list[str]) -> list[str]:
 def _demo_command(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    _check_sizes(args)
+    if args.image == "":
+        raise UsageError("--image got an empty file name")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; the demo writes a folder")
     if not os.access(next(p for p in (args.out, *args.out.parents) if p.exists()), os.W_OK):
         raise UsageError(f"--out {args.out} cannot be created or written")
-    if args.image is not None:
-        from .demo import output_files
+    from .demo import output_files
 
-        for path in output_files(args.out):
-            if _same_file(path, Path(args.image)):
-                raise UsageError(f"the demo would overwrite its --image {args.image} with {path.name}; choose another --out")
+    for path in output_files(args.out):
+        if args.out.is_dir():
+            _check_output(path, option=f"--out's {path.name}")
+        if args.image is not None and _same_file(path, Path(args.image)):
+            raise UsageError(f"the demo would overwrite its --image {args.image} with {path.name}; choose another --out")
     run_demo(args.out, iters=args.iters, image=args.image, device=args.device)
 
 
+def _error_line(message: str) -> None:
+    """The one line an error gets on stderr: after any progress bar drawn on the terminal, with
+    newlines (in file names) escaped."""
+    ProgressBar.end_live_line()
+    print(f"invviz: error: {message}".replace("\n", "\\n").replace("\r", "\\r"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # file names that are not valid text still print
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         with warnings.catch_warnings():
@@ -496,11 +546,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             }[args.command]
             command(args)
     except (UsageError, ValueError, DivergenceError) as error:
-        print(f"invviz: error: {error}", file=sys.stderr)
+        _error_line(str(error))
         return 2
     except OSError as error:  # e.g. a disk that filled up while writing
         where = f": {error.filename}" if error.filename else ""
-        print(f"invviz: error: {error.strerror or error}{where}", file=sys.stderr)
+        _error_line(f"{error.strerror or error}{where}")
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        # An allocation this machine cannot make (a huge --size with many restarts or channels).
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise
+        _error_line("not enough memory for this run; use a smaller --size or fewer --restarts / --channels")
         return 2
     except KeyboardInterrupt:
         print("invviz: interrupted", file=sys.stderr)

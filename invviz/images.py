@@ -17,8 +17,15 @@ from torch import Tensor
 SAMPLES = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    """Decode fully (so a truncated file fails here, not later) and convert to RGB."""
+class _TooLarge(Exception):
+    """An image over ``max_side``, refused before decoding."""
+
+
+def _open(source: str | Path | bytes, max_side: int | None = None) -> Image.Image:
+    """Decode fully (so a truncated file fails here, not later) and convert to RGB; ``max_side``:
+    refuse larger images before decoding them."""
+    if isinstance(source, str) and not source:
+        raise ValueError("image path is empty")
     if isinstance(source, bytes):
         if not source:
             raise ValueError("image data is empty")
@@ -38,10 +45,14 @@ def _open(source: str | Path | bytes) -> Image.Image:
             # Large images are fine (they are resized); Pillow's bomb limit still raises below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream) as image:
+                if max_side is not None and max(image.size) > max_side:
+                    raise _TooLarge(f"{label} is {image.size[0]}×{image.size[1]} pixels; images are used as they are up to {max_side} pixels a side (resize it, e.g. with --size)")
                 image.load()
                 # Photos from phones and cameras store their pixels sideways with an EXIF tag
                 # saying how to turn them; show them as any viewer does (a loaded copy).
                 upright = ImageOps.exif_transpose(image)
+    except _TooLarge as error:
+        raise ValueError(str(error)) from None
     except UnidentifiedImageError:
         raise ValueError(f"{label} is not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
@@ -144,8 +155,13 @@ def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0).contiguous()
 
 
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int | None = None) -> Tensor:
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray, size: int | None = None, max_side: int | None = None
+) -> Tensor:
     """Load an image as ``(3, H, W)`` in [0, 1], optionally resized and centre-cropped to ``size``.
+
+    ``max_side``: without ``size``, files and bytes larger than this are refused before they are
+    decoded (the image would be used as it is).
 
     ``source``: a path, encoded bytes, a PIL image or an ``(H, W[, C])`` array (uint8 as is; 16-bit,
     other integer and float arrays scaled as one-channel image files are). Bad input raises one
@@ -159,7 +175,7 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int 
     elif isinstance(source, Image.Image):
         image = _to_rgb(source)
     else:
-        image = _open(source)
+        image = _open(source, max_side if size is None else None)
     if size is not None:
         image = _resize_crop(image, size)
     return to_tensor(image)

@@ -342,7 +342,8 @@ def test_the_live_progress_bar_shows_the_time_left_and_clears_longer_lines(monke
     clock[0] += 0.5
     bar(Step(6, 6, {}, [0.25], images, clock[0], polishing=True, rounds=3))
     frames = screen.getvalue().split("\r")[1:]
-    assert frames[0].endswith("1/6 err 0.250 · 4 s left")  # 2 steps at 1 s, 3 rounds at ROUND_COST steps
+    assert frames[0].endswith("1/6 err 0.250")  # the first step includes the run's set-up: no estimate
+    assert frames[1].endswith("2/6 err 0.250 · 3 s left")  # 1 step at 1 s, 3 rounds at ROUND_COST steps
     assert frames[3].endswith("4/6 err 0.250 polishing · 1 s left")  # 2 rounds at 0.6 s each
     assert frames[4].endswith("5/6 err 0.250 polishing · 0 s left")  # 1 round at 0.5 s
     assert frames[-1].rstrip() == "hog [##############################] 6/6 err 0.250 polishing"

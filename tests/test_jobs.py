@@ -252,7 +252,8 @@ def test_the_eta_counts_polishing_rounds_at_their_own_cost(monkeypatch: pytest.M
         return job.progress.eta
 
     etas = [event(number, 1.0, False) for number in range(1, 11)]
-    assert etas[0] == pytest.approx(9 + 20 * jobs.ROUND_COST)
+    assert etas[0] is None  # the first step includes the run's set-up
+    assert etas[1] == pytest.approx(8 + 20 * jobs.ROUND_COST)
     assert etas[-1] == pytest.approx(20 * jobs.ROUND_COST)
     assert event(11, 5.0, True) == pytest.approx(19 * jobs.ROUND_COST)  # set-up: not a round's cost
     assert event(12, 0.25, True) == pytest.approx(18 * 0.25)

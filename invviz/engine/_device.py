@@ -16,7 +16,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use the CPU (device 'cpu'; --device cpu)")
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return resolved

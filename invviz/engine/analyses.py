@@ -6,6 +6,7 @@ All synchronous; run them inside ``InversionEngine.submit_task`` to get them in 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -17,11 +18,13 @@ from torch import Tensor
 from ..representations import Box, Representation
 from ._device import resolve_device
 from .loop import (
+    START_NOISE,
     DivergenceError,
     InversionResult,
     Settings,
     Step,
     StopSignal,
+    _check_image,
     image_channels,
     invert,
     polishing,
@@ -50,10 +53,14 @@ def restarts(
     are the mean pixel plus noise of ``settings.start_noise``, at least 0.05 where it is ``None``
     (a single inversion of a CNN layer starts flat by default). Returns images ``(k, 3, H, W)``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"number of restarts must be a positive integer, got {k!r}")
+    settings = settings or Settings()
+    if isinstance(settings, Settings) and settings.start_noise is None:
+        # Also for k = 1: each seed is then a different restart.
+        settings = replace(settings, start_noise=START_NOISE)
     # invert validates the mask against the code.
-    return invert(rep, image, mask=mask, settings=settings, batch=k, device=device, on_step=on_step, stop=stop)
+    return invert(rep, image, mask=mask, settings=settings, batch=int(k), device=device, on_step=on_step, stop=stop)
 
 
 def diversity(images: Tensor) -> float:
@@ -123,7 +130,13 @@ def window_mask(code_shape: Sequence[int], window: tuple[int, int, int, int]) ->
     """Boolean mask ``(C, H, W)`` selecting code cells ``y ≤ row < y + h``, ``x ≤ col < x + w``."""
     if len(code_shape) != 3:
         raise ValueError(f"a window needs a spatial code (C, H, W); this code is {tuple(code_shape)}")
-    y, x, h, w = window
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 4
+        or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in window)
+    ):
+        raise ValueError(f"a window is (y, x, height, width), four integers in code cells, got {window!r}")
+    y, x, h, w = (int(n) for n in window)
     _, height, width = code_shape
     if h < 1 or w < 1:
         raise ValueError(f"window height and width must be at least 1, got {h}×{w}")
@@ -187,12 +200,19 @@ def channel_gallery(
     feature_error)`` runs as each tile finishes; ``on_step(step, tiles)`` after every step, with
     the chunk's images and their indices (``step`` counts over the whole gallery).
     """
-    settings = (settings or Settings()).resolved(rep)
+    settings = settings or Settings()
+    if not isinstance(settings, Settings):
+        raise ValueError(f"settings must be an invviz.Settings, got {type(settings).__name__}")  # noqa: TRY004
+    _check_image(image)
+    if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in channels):
+        raise ValueError(f"channels must be integers, got {list(channels)!r}")
+    settings = settings.resolved(rep)
     assert settings.iters is not None
     per_tile = settings.iters + polishing(rep, settings)  # each tile's steps and polishing rounds
     dev = resolve_device(device)
     height, width = _image_size(image)
     rep = rep.to(dev)
+    rep.code_shape(height, width)  # a clear ValueError if the layer cannot take an image this small
     with torch.no_grad():
         target = rep(image.to(dev, torch.float32)[None])
     code_shape = tuple(target.shape[1:])

@@ -90,7 +90,9 @@ class TimeLeft:
     """Estimates the seconds a run has left from its ``Step`` s, seen one by one (``invert``'s
     ``on_step``): the steps and polishing rounds still to come, each at its own measured cost (a
     round, until one is timed, at ``ROUND_COST`` steps). The first round's time is not a round's:
-    it includes polishing's set-up (the choice of rounding offset)."""
+    it includes polishing's set-up (the choice of rounding offset), and the first step's is not a
+    step's either: it includes the run's set-up (moving the model, the target code, the kernels),
+    which made the first estimates of a process's first run tens of times too long."""
 
     def __init__(self, began: float) -> None:
         self._last_event = began
@@ -99,12 +101,12 @@ class TimeLeft:
 
     def __call__(self, step: Step, now: float) -> float | None:
         """Seconds left after ``step``, seen at ``now`` (``time.perf_counter``); ``None`` if unknown."""
-        setting_up = step.polishing and not self._seen[True]
+        setting_up = not self._seen[step.polishing]  # the first step, or the first round
         self._spent[step.polishing] += 0.0 if setting_up else now - self._last_event
         self._seen[step.polishing] += 1
         self._last_event = now
         steps, rounds = self._seen[False], self._seen[True]
-        per_step = self._spent[False] / steps if steps else None
+        per_step = self._spent[False] / (steps - 1) if steps > 1 else None
         per_round = self._spent[True] / (rounds - 1) if rounds > 1 else None
         if per_round is None and per_step is not None:
             per_round = per_step * ROUND_COST

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -219,7 +220,12 @@ class Settings:
         if self.polish is not None:
             integer("polish", self.polish, 0, MAX_POLISH)
         integer("seed", self.seed, 0, MAX_SEED)
+        for name in ("tv_beta", "alpha_weight", "alpha", "chroma_rate"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} must be a number, got None")
         finite("lr", self.lr, positive=True)
+        if self.lr is not None and self.lr > MAX_LR:
+            raise ValueError(f"lr must be at most {MAX_LR:g}, got {self.lr:g}")
         finite("tv_weight", self.tv_weight)
         finite("tv_start", self.tv_start, positive=True)
         finite("tv_beta", self.tv_beta, positive=True)
@@ -266,6 +272,9 @@ class Settings:
 
 #: Largest seed: the jitter's generator takes ``seed + 1``, and larger seeds would alias smaller ones.
 MAX_SEED = 2**32 - 2
+#: Largest learning rate: far beyond any that converges (the paper's base rate is 50), and well
+#: inside float32's range, which torch's optimizers need.
+MAX_LR = 1e12
 #: Most polishing rounds (``Settings.polish``).
 MAX_POLISH = 100_000
 #: Largest TV β and α: beyond, the priors' normalization ``1 / scale^exponent`` nears float32's range.
@@ -727,10 +736,31 @@ def _check_size(size: object) -> tuple[int, int]:
     if (
         not isinstance(size, (tuple, list))
         or len(size) != 2
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
+        or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 1 for n in size)
     ):
         raise ValueError(f"size must be (height, width) in pixels, two positive integers, got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def _check_any_mask(mask: object, code_shape: tuple[int, ...], batch: int) -> Tensor:
+    """A user's mask (``check_mask``: ``(C, H, W)`` or ``(H, W)``), or one mask per row ``(B, C, H,
+    W)`` as batched analyses give, B being 1 or ``batch``; numpy arrays are taken as tensors."""
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    if not isinstance(mask, Tensor) or mask.dim() <= len(code_shape):
+        return check_mask(mask, code_shape)  # type: ignore[arg-type]
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a boolean tensor, got {mask.dtype}")
+    if mask.dim() != len(code_shape) + 1 or mask.shape[0] not in (1, batch) or any(
+        m not in (1, c) for m, c in zip(mask.shape[1:], code_shape)
+    ):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not fit the code: expected {code_shape}, or one row per "
+            f"image ({batch}, {', '.join(str(c) for c in code_shape)})"
+        )
+    if not bool(mask.flatten(1).any(1).all()):
+        raise ValueError("mask selects no code entry in some row")
+    return mask
 
 
 def _smoothing(settings: Settings, step: int) -> float:
@@ -776,13 +806,15 @@ def invert(
     settings = settings or Settings()
     if not isinstance(settings, Settings):
         raise ValueError(f"settings must be an invviz.Settings, got {type(settings).__name__}")  # noqa: TRY004
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise ValueError(f"batch (number of restarts) must be an integer ≥ 1, got {batch!r}")
+    batch = int(batch)
     dev = resolve_device(device)
     rep = rep.to(dev)
     if image is not None:
         _check_image(image)
         height, width = image.shape[1:]
+        rep.code_shape(height, width)  # a clear ValueError if the layer cannot take an image this small
         if target is None:
             with torch.no_grad():
                 target = rep(image.to(dev, torch.float32)[None])
@@ -798,16 +830,17 @@ def invert(
     if target.dim() == (3 if rep.is_spatial else 1):
         target = target[None]
     code_shape = tuple(target.shape[1:])
-    if image is None and code_shape != tuple(rep.code_shape(height, width)):
+    if code_shape != tuple(rep.code_shape(height, width)):
         raise ValueError(
             f"target code {tuple(target.shape)} does not fit {rep.spec} at {height}×{width}: "
             f"its code is {tuple(rep.code_shape(height, width))}"
         )
     if not bool(torch.isfinite(target).all()):
         raise ValueError("the target code has NaN or infinite entries")
+    if target.shape[0] not in (1, batch):
+        raise ValueError(f"the target has {target.shape[0]} codes but batch is {batch}: give one code, or one per row")
     if mask is not None:
-        # (C, H, W) or (H, W) masks are the user's; (B, C, H, W) ones come from batched analyses.
-        mask = check_mask(mask, code_shape) if mask.dim() <= len(code_shape) else mask
+        mask = _check_any_mask(mask, code_shape, batch)
         mask = mask.to(dev, torch.bool)
     selected = target if mask is None else target * mask
     if not bool(selected.flatten(1).ne(0).any(1).all()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -301,9 +302,7 @@ class Representation(nn.Module):
         if windows is None:
             box = Box(0, 0, height, width)
         else:
-            rows = (row, row + 1) if isinstance(row, int) else row
-            cols = (col, col + 1) if isinstance(col, int) else col
-            box = window_box(windows, height, width, rows, cols)
+            box = window_box(windows, height, width, _cells("row", row), _cells("col", col))
         return box.clip(height, width) if clip else box
 
     def flat_support(self, row: int, col: int, height: int, width: int) -> Box:
@@ -313,6 +312,19 @@ class Representation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}"
+
+
+def _cells(name: str, cells: object) -> tuple[int, int]:
+    """A cell index or a half-open range ``(start, stop)`` of cells as a range, else a ``ValueError``."""
+    if isinstance(cells, numbers.Integral) and not isinstance(cells, bool):
+        return int(cells), int(cells) + 1
+    if (
+        isinstance(cells, (tuple, list))
+        and len(cells) == 2
+        and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in cells)
+    ):
+        return int(cells[0]), int(cells[1])
+    raise ValueError(f"{name} must be a cell index or a range (start, stop) of cells, got {cells!r}")
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

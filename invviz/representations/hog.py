@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register_representation
+from ._base import _cells
 from ._geometry import Box, Window, window_box
 from ._glyphs import ORIENTATIONS, render_hog
 from ._shallow import ShallowRepresentation, check_positive_int, gray_255, safe_sqrt
@@ -214,7 +215,7 @@ class HOG(ShallowRepresentation):
         self, row: int | tuple[int, int], col: int | tuple[int, int], height: int, width: int
     ) -> None:
         for name, cells, pixels in (("row", row, height), ("col", col, width)):
-            start, stop = (cells, cells + 1) if isinstance(cells, int) else cells
+            start, stop = _cells(name, cells)
             count = hog_cells(pixels, self.cell_size)
             if not 0 <= start < stop <= count:
                 raise ValueError(f"HOG {name} {start}:{stop} is outside the code's {count} {name}s")

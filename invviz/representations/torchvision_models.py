@@ -34,6 +34,7 @@ from ._base import (
     LayerNotRun,
     LayerWithoutCode,
     Representation,
+    _cells,
     channels_last_on_cpu,
     load_state_dict_file,
 )
@@ -389,8 +390,7 @@ class TorchvisionModel(_TorchvisionRepresentation):
         """
         if not self.is_spatial:
             return Box(0, 0, height, width)
-        rows = (row, row + 1) if isinstance(row, int) else row
-        cols = (col, col + 1) if isinstance(col, int) else col
+        rows, cols = _cells("row", row), _cells("col", col)
         support = torch.zeros(height, width, dtype=torch.bool)
         with _support_images(self, height, width) as trials:
             for images in trials:
