@@ -214,3 +214,15 @@ def test_an_error_after_a_live_progress_bar_starts_its_own_line(monkeypatch, cap
     _error_line("boom")
     err = capsys.readouterr().err
     assert "\ninvviz: error: boom\n" in err and not ProgressBar._open_line
+
+
+def test_receptive_fields_leave_out_what_floor_mode_pooling_drops() -> None:
+    """AlexNet at 67×83: pool1 drops conv1's trailing outputs, so the bottom/right cells never read
+    the last two rows/columns of pixels; the box must equal the gradient's support there too."""
+    from support import gradient_support
+
+    rep = invviz.representation("alexnet", layer="conv2", weights="random")
+    _, rows, cols = rep.code_shape(67, 83)
+    for row, col in [(0, 0), (rows - 1, cols - 1), (rows // 2, cols - 1), (rows - 1, 0), ((rows - 2, rows), (cols - 2, cols))]:
+        assert rep.receptive_field(row, col, 67, 83) == gradient_support(rep, row, col, 67, 83), (row, col)
+    assert rep.receptive_field(rows - 1, cols - 1, 67, 83).as_tuple()[2:] == (65, 81)

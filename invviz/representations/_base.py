@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._geometry import Box, Window, axis_geometry, window_box
+from ._geometry import Box, Window, axis_geometry, clipped_window_box, window_box
 
 #: Steps of an inversion when neither the settings nor the representation ask for another count.
 DEFAULT_ITERS = 200
@@ -302,7 +302,10 @@ class Representation(nn.Module):
         if windows is None:
             box = Box(0, 0, height, width)
         else:
-            box = window_box(windows, height, width, _cells("row", row), _cells("col", col))
+            rows, cols = _cells("row", row), _cells("col", col)
+            if clip:
+                return clipped_window_box(windows, height, width, rows, cols)
+            box = window_box(windows, height, width, rows, cols)
         return box.clip(height, width) if clip else box
 
     def flat_support(self, row: int, col: int, height: int, width: int) -> Box:

@@ -112,3 +112,30 @@ def window_box(
         bottom=gy.start + (rows[1] - 1) * gy.jump + gy.size,
         right=gx.start + (cols[1] - 1) * gx.jump + gx.size,
     )
+
+
+def _clipped_axis(windows: Sequence[Window], n: int, cells: tuple[int, int]) -> tuple[int, int]:
+    """Input range ``[start, stop)`` that output cells ``cells`` read along one axis, kept inside
+    every layer's own extent on the way back (a padded position reads no pixel, and a position a
+    layer drops, as floor-mode pooling does with trailing ones, is read by no cell)."""
+    sizes = [n]
+    for window in windows:
+        sizes.append(window.output_size(sizes[-1]))
+    start, stop = cells
+    for window, size in zip(reversed(windows), reversed(sizes[:-1])):
+        pad = window.pad_before(size)
+        start = max(start * window.stride - pad, 0)
+        stop = min((stop - 1) * window.stride - pad + window.extent, size)
+    return start, stop
+
+
+def clipped_window_box(
+    windows: Sequence[Window], height: int, width: int, rows: tuple[int, int], cols: tuple[int, int]
+) -> Box:
+    """The pixels of the image that code cells ``rows`` × ``cols`` depend on: ``window_box`` within
+    the image, and tighter where a layer drops positions at the border (floor-mode pooling)."""
+    box = window_box(windows, height, width, rows, cols)  # checks the cells
+    top, bottom = _clipped_axis(windows, height, rows)
+    left, right = _clipped_axis(windows, width, cols)
+    clipped = box.clip(height, width)
+    return Box(max(top, clipped.top), max(left, clipped.left), min(bottom, clipped.bottom), min(right, clipped.right))
