@@ -226,3 +226,11 @@ def test_receptive_fields_leave_out_what_floor_mode_pooling_drops() -> None:
     for row, col in [(0, 0), (rows - 1, cols - 1), (rows // 2, cols - 1), (rows - 1, 0), ((rows - 2, rows), (cols - 2, cols))]:
         assert rep.receptive_field(row, col, 67, 83) == gradient_support(rep, row, col, 67, 83), (row, col)
     assert rep.receptive_field(rows - 1, cols - 1, 67, 83).as_tuple()[2:] == (65, 81)
+
+
+def test_restarts_without_start_noise_are_refused(rep, png, tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="same image"):
+        invviz.restarts(rep, torch.rand(3, 32, 32), 2, settings=invviz.Settings(iters=2, start_noise=0.0), device="cpu")
+    code, _, err = run_cli(capsys, "invert", png, "--rep", "efficientnet_lite0:blocks.1", "--restarts", 2,
+                           "--start-noise", 0, "--iters", 1, "--out", tmp_path / "o.png")
+    assert code == 2 and "same image" in err

@@ -56,6 +56,8 @@ def restarts(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"number of restarts must be a positive integer, got {k!r}")
     settings = settings or Settings()
+    if k > 1 and isinstance(settings, Settings) and settings.start_noise == 0:
+        raise ValueError("restarts from a start without noise (start_noise 0) would all be the same image")
     if isinstance(settings, Settings) and settings.start_noise is None:
         # Also for k = 1: each seed is then a different restart.
         settings = replace(settings, start_noise=START_NOISE)
