@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol, get_args
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -742,27 +741,6 @@ def _check_size(size: object) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _check_any_mask(mask: object, code_shape: tuple[int, ...], batch: int) -> Tensor:
-    """A user's mask (``check_mask``: ``(C, H, W)`` or ``(H, W)``), or one mask per row ``(B, C, H,
-    W)`` as batched analyses give, B being 1 or ``batch``; numpy arrays are taken as tensors."""
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
-    if not isinstance(mask, Tensor) or mask.dim() <= len(code_shape):
-        return check_mask(mask, code_shape)  # type: ignore[arg-type]
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a boolean tensor, got {mask.dtype}")
-    if mask.dim() != len(code_shape) + 1 or mask.shape[0] not in (1, batch) or any(
-        m not in (1, c) for m, c in zip(mask.shape[1:], code_shape)
-    ):
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not fit the code: expected {code_shape}, or one row per "
-            f"image ({batch}, {', '.join(str(c) for c in code_shape)})"
-        )
-    if not bool(mask.flatten(1).any(1).all()):
-        raise ValueError("mask selects no code entry in some row")
-    return mask
-
-
 def _smoothing(settings: Settings, step: int) -> float:
     """``rectifier_smoothing`` at step 0, shrinking linearly to 0 at the last step."""
     assert settings.iters is not None and settings.rectifier_smoothing is not None
@@ -840,7 +818,7 @@ def invert(
     if target.shape[0] not in (1, batch):
         raise ValueError(f"the target has {target.shape[0]} codes but batch is {batch}: give one code, or one per row")
     if mask is not None:
-        mask = _check_any_mask(mask, code_shape, batch)
+        mask = check_mask(mask, code_shape, batch)
         mask = mask.to(dev, torch.bool)
     selected = target if mask is None else target * mask
     if not bool(selected.flatten(1).ne(0).any(1).all()):

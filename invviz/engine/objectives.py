@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,13 +151,28 @@ def feature_error_squared(code: Tensor, target: Tensor, mask: Tensor | None = No
     return difference.pow(2).sum(1) / norm
 
 
-def check_mask(mask: Tensor, code_shape: Sequence[int]) -> Tensor:
+def check_mask(mask: object, code_shape: Sequence[int], batch: int | None = None) -> Tensor:
     """A user's boolean mask over the code, ``code_shape`` or (spatial codes) ``(H, W)``, as a
-    mask of ``code_shape``; ``ValueError`` if it is not boolean, has another shape, or is empty."""
+    mask of ``code_shape``; with ``batch``, also one mask per image ``(B, *code_shape)`` (B being 1
+    or ``batch``, as batched analyses give), returned as it is. Numpy arrays are taken as tensors.
+    ``ValueError`` if it is not boolean, has another shape, or selects nothing (in some row)."""
     code_shape = tuple(code_shape)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a boolean tensor, got {kind}")
+    if batch is not None and mask.dim() > len(code_shape):
+        if mask.dim() != len(code_shape) + 1 or mask.shape[0] not in (1, batch) or any(
+            m not in (1, c) for m, c in zip(mask.shape[1:], code_shape)
+        ):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not fit the code: expected {code_shape}, or one row "
+                f"per image ({batch}, {', '.join(str(c) for c in code_shape)})"
+            )
+        if not bool(mask.flatten(1).any(1).all()):
+            raise ValueError("mask selects no code entry in some row")
+        return mask
     shapes = [code_shape] + ([code_shape[1:]] if len(code_shape) == 3 else [])
     if tuple(mask.shape) not in shapes:
         expected = " or ".join(str(s) for s in shapes)
