@@ -449,9 +449,7 @@ def _features_command(args: argparse.Namespace) -> None:
     rep = _representation(args)
     device = resolve_device(args.device)
     image = load_image(args.image, args.size or rep.native_size, max_side=MAX_SIZE)
-    rep.code_shape(*image.shape[1:])  # a clear error if the layer cannot take an image this small
-    with torch.no_grad():
-        code = rep.to(device)(image[None].to(device))[0]
+    code = rep.to(device).code_of(image[None].to(device))[0]
     if not bool(torch.isfinite(code).all()):
         raise UsageError("the code has NaN or infinite entries (are the weights sound?); nothing written")
     with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to "F.NPY"

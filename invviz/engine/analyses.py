@@ -56,11 +56,12 @@ def restarts(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"number of restarts must be a positive integer, got {k!r}")
     settings = settings or Settings()
-    if k > 1 and isinstance(settings, Settings) and settings.start_noise == 0:
-        raise ValueError("restarts from a start without noise (start_noise 0) would all be the same image")
-    if isinstance(settings, Settings) and settings.start_noise is None:
-        # Also for k = 1: each seed is then a different restart.
-        settings = replace(settings, start_noise=START_NOISE)
+    if isinstance(settings, Settings):  # invert says what else it is not
+        if k > 1 and settings.start_noise == 0:
+            raise ValueError("restarts from a start without noise (start_noise 0) would all be the same image")
+        if settings.start_noise is None:
+            # Also for k = 1: each seed is then a different restart.
+            settings = replace(settings, start_noise=START_NOISE)
     # invert validates the mask against the code.
     return invert(rep, image, mask=mask, settings=settings, batch=int(k), device=device, on_step=on_step, stop=stop)
 
@@ -214,9 +215,7 @@ def channel_gallery(
     dev = resolve_device(device)
     height, width = _image_size(image)
     rep = rep.to(dev)
-    rep.code_shape(height, width)  # a clear ValueError if the layer cannot take an image this small
-    with torch.no_grad():
-        target = rep(image.to(dev, torch.float32)[None])
+    target = rep.code_of(image.to(dev, torch.float32)[None])
     code_shape = tuple(target.shape[1:])
     channels = _checked_channels([int(c) for c in channels], code_shape[0])
     masks = torch.zeros((len(channels), *code_shape), dtype=torch.bool)

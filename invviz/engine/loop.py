@@ -192,8 +192,10 @@ class Settings:
             elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
                 object.__setattr__(self, item.name, float(value))
 
-        def finite(name: str, value: float | None, positive: bool = False) -> None:
+        def finite(name: str, value: float | None, positive: bool = False, optional: bool = True) -> None:
             if value is None:
+                if not optional:
+                    raise ValueError(f"{name} must be a number, got None")
                 return
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -219,24 +221,21 @@ class Settings:
         if self.polish is not None:
             integer("polish", self.polish, 0, MAX_POLISH)
         integer("seed", self.seed, 0, MAX_SEED)
-        for name in ("tv_beta", "alpha_weight", "alpha", "chroma_rate"):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} must be a number, got None")
         finite("lr", self.lr, positive=True)
         if self.lr is not None and self.lr > MAX_LR:
             raise ValueError(f"lr must be at most {MAX_LR:g}, got {self.lr:g}")
         finite("tv_weight", self.tv_weight)
         finite("tv_start", self.tv_start, positive=True)
-        finite("tv_beta", self.tv_beta, positive=True)
+        finite("tv_beta", self.tv_beta, positive=True, optional=False)
         finite("tv_chroma", self.tv_chroma)
-        finite("alpha_weight", self.alpha_weight)
-        finite("alpha", self.alpha, positive=True)
+        finite("alpha_weight", self.alpha_weight, optional=False)
+        finite("alpha", self.alpha, positive=True, optional=False)
         for name, exponent in (("tv_beta", self.tv_beta), ("alpha", self.alpha)):
             if exponent > MAX_EXPONENT:
                 raise ValueError(f"{name} must be at most {MAX_EXPONENT}, got {exponent}")
         finite("feature_power", self.feature_power, positive=True)
         finite("start_noise", self.start_noise)
-        finite("chroma_rate", self.chroma_rate, positive=True)
+        finite("chroma_rate", self.chroma_rate, positive=True, optional=False)
         check_rectifier_slope(self.rectifier_slope)
         if self.rectifier_smoothing is not None:
             check_smoothing(self.rectifier_smoothing)
@@ -792,14 +791,14 @@ def invert(
     if image is not None:
         _check_image(image)
         height, width = image.shape[1:]
-        rep.code_shape(height, width)  # a clear ValueError if the layer cannot take an image this small
+        given = target is not None
         if target is None:
-            with torch.no_grad():
-                target = rep(image.to(dev, torch.float32)[None])
+            target = rep.code_of(image.to(dev, torch.float32)[None])
     elif target is None or size is None:
         raise ValueError("give an image, or a target code together with the image size")
     else:
         height, width = _check_size(size)
+        given = True
     if not isinstance(target, Tensor) or not target.is_floating_point():
         kind = target.dtype if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target must be a floating-point tensor (a code), got {kind}")
@@ -808,10 +807,10 @@ def invert(
     if target.dim() == (3 if rep.is_spatial else 1):
         target = target[None]
     code_shape = tuple(target.shape[1:])
-    if code_shape != tuple(rep.code_shape(height, width)):
+    expected = tuple(rep.code_shape(height, width)) if given else code_shape
+    if code_shape != expected:
         raise ValueError(
-            f"target code {tuple(target.shape)} does not fit {rep.spec} at {height}×{width}: "
-            f"its code is {tuple(rep.code_shape(height, width))}"
+            f"target code {tuple(target.shape)} does not fit {rep.spec} at {height}×{width}: its code is {expected}"
         )
     if not bool(torch.isfinite(target).all()):
         raise ValueError("the target code has NaN or infinite entries")

@@ -276,15 +276,22 @@ class Representation(nn.Module):
         ``layer_table``; layers left out of the result are asked one by one (the default: all)."""
         return {}
 
+    def code_of(self, images: Tensor) -> Tensor:
+        """``self(images)`` without a graph, and a one-line ``ValueError`` instead of torch's error
+        where the layer cannot take images of this size."""
+        try:
+            with torch.no_grad():
+                code: Tensor = self(images)
+                return code
+        except (RuntimeError, AssertionError) as error:  # e.g. a kernel larger than the shrunk input
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            height, width = images.shape[-2:]
+            raise ValueError(f"{self.spec} cannot take a {height}×{width} image: {reason}") from None
+
     def code_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of the code (without batch) for an input of ``height × width`` pixels."""
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        try:
-            with torch.no_grad():
-                return tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
-        except (RuntimeError, AssertionError) as error:  # e.g. a kernel larger than the shrunk input
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"{self.spec} cannot take a {height}×{width} image: {reason}") from None
+        return tuple(self.code_of(torch.zeros(1, 3, height, width, device=device)).shape[1:])
 
     def receptive_field(
         self,

@@ -134,8 +134,7 @@ def clipped_window_box(
 ) -> Box:
     """The pixels of the image that code cells ``rows`` × ``cols`` depend on: ``window_box`` within
     the image, and tighter where a layer drops positions at the border (floor-mode pooling)."""
-    box = window_box(windows, height, width, rows, cols)  # checks the cells
+    window_box(windows, height, width, rows, cols)  # checks the cells
     top, bottom = _clipped_axis(windows, height, rows)
     left, right = _clipped_axis(windows, width, cols)
-    clipped = box.clip(height, width)
-    return Box(max(top, clipped.top), max(left, clipped.left), min(bottom, clipped.bottom), min(right, clipped.right))
+    return Box(top, left, bottom, right)
