@@ -456,3 +456,26 @@ def test_the_colour_basis_defaults_to_opponent_except_at_lite0_head() -> None:
         "hog": "opponent",  # one channel: Adam steps per channel anyway (colour_basis gives None)
     }
     assert Settings(colour_basis="opponent").resolved(representation("efficientnet_lite0:head")).colour_basis == "opponent"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_background_job_and_a_batched_gallery_match_single_runs(photo) -> None:
+    """A job in the engine's worker and a gallery batched on the GPU give what runs one at a time
+    there give (GPU kernels are not bit-reproducible: to within 0.01 of error), on the CPU."""
+    from invviz.engine.jobs import InversionEngine
+
+    rep = representation("efficientnet_lite0:blocks.4")
+    settings = Settings(iters=30)
+    with InversionEngine(device="cuda") as engine:
+        job = engine.submit(rep, photo, settings=settings)
+        result = job.wait(300)
+    assert result is not None and job.state == "done"
+    assert result.images.device.type == "cpu" and job.latest is not None and job.latest.final
+    alone = invert(rep, photo, settings=settings, device="cuda")
+    assert abs(result.feature_error[0] - alone.feature_error[0]) < 0.01 and alone.feature_error[0] < 0.5
+    channels = [0, 5, 9, 17]
+    batched = channel_gallery(rep, photo, channels, settings=settings, device="cuda")
+    single = channel_gallery(rep, photo, channels, settings=settings, device="cuda", chunk=1)
+    assert batched.images.device.type == "cpu" and batched.images.shape == (4, 3, 64, 64)
+    for together, apart in zip(batched.feature_error, single.feature_error, strict=True):
+        assert abs(together - apart) < 0.01

@@ -189,8 +189,8 @@ def test_lite0_defaults_by_stride_and_zero_elsewhere() -> None:
         assert value is not None
         return value
 
-    assert [default(f"efficientnet_lite0:{layer}") for layer in ("blocks.1", "blocks.4", "blocks.10", "blocks.15", "head")] == [
-        3.0, 3.0, 1.0, 0.5, 0.5]
+    layers = ("blocks.1", "blocks.4", "blocks.5", "blocks.10", "blocks.11", "blocks.15", "head")
+    assert [default(f"efficientnet_lite0:{layer}") for layer in layers] == [3.0, 3.0, 1.5, 1.5, 1.0, 1.0, 0.75]
     assert default("hog") == 0.0 and default("tiny:conv2") == 0.0
     assert Settings(optimizer="paper").resolved(representation("efficientnet_lite0:blocks.4")).rectifier_smoothing == 0.0
     assert Settings(rectifier_smoothing=0.0).resolved(representation("efficientnet_lite0:blocks.4")).rectifier_smoothing == 0.0
@@ -255,3 +255,33 @@ def test_the_kernel_bound_for_a_run_falls_back_on_other_dtypes_and_honours_invvi
     torch.testing.assert_close(owned, expected)
     monkeypatch.setenv("INVVIZ_NATIVE", "0")
     assert _native.smoothed_relu6_backward_for_run() is smoothed_relu6_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_hand_written_gradient_on_cuda_is_the_straight_through_oracles() -> None:
+    """The taped backward on the GPU (where the CPU kernels do not apply): float64 against the
+    autograd oracle there, and float32 (TF32 off) against the same pass on the CPU."""
+    rep = representation("efficientnet_lite0:blocks.5").double().cuda()
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, 64, 48, generator=generator, dtype=torch.float64).cuda()
+    weights = torch.randn_like(rep(images))
+    x = images.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((reference_lite0(rep, x, straight_through(1.0)) * weights).sum(), x)
+    y = images.clone().requires_grad_(True)
+    with rectifier_smoothing(1.0):
+        code = rep(y)
+        (got,) = torch.autograd.grad((code * weights).sum(), y)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+    rep = rep.float()
+    on_cpu = representation("efficientnet_lite0:blocks.5")
+    gradients = []
+    for model, device in ((rep, "cuda"), (on_cpu, "cpu")):
+        z = images.float().to(device).requires_grad_(True)
+        # cuDNN's default TF32 convolutions round to 10 bits: compare true float32 arithmetic.
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
+                rectifier_smoothing(1.0, _native.smoothed_relu6_backward_for_run()):
+            (gradient,) = torch.autograd.grad((model(z) * weights.float().to(device)).sum(), z)
+        gradients.append(gradient.cpu())
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-3, atol=1e-3 * gradients[1].abs().max().item())
