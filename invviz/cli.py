@@ -44,7 +44,7 @@ from .representations import (
 from .representations._base import DEFAULT_ITERS
 from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
-from .representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR
+from .representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR, MID_ADAM_LR
 
 
 class UsageError(Exception):
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha-weight", type=non_negative_float, default=Settings.alpha_weight, help=f"α-norm prior weight (default {Settings.alpha_weight:g})")
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
-    inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {DEEP_ADAM_LR:g} for efficientnet_lite0 blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
+    inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {MID_ADAM_LR:g} for efficientnet_lite0 blocks.5-10, {DEEP_ADAM_LR:g} for blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
     inv.add_argument("--rectifier-smoothing", type=non_negative_float,
                      help="how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: 3 / 1 / 0.5 at Lite0's stride up to 8 / 16 / 32, 0 with --optimizer paper); efficientnet_lite0 past stem only")
     inv.add_argument("--rectifier-slope", type=non_negative_float,

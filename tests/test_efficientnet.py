@@ -281,16 +281,18 @@ def test_the_prepared_input_gives_the_same_code_and_gradient(layer: str, size: t
         assert torch.equal(plain[0], prepared[0].contiguous()) and plain[1:] == prepared[1:]
 
 
-def test_the_deepest_layers_resolve_to_slower_adam_rates() -> None:
-    """0.02 from stride 32 on, 0.015 at head, the engine's rate elsewhere and with the paper's
-    optimizer or an explicit rate (EfficientNetLite0.default_adam_lr)."""
+def test_the_deep_layers_resolve_to_slower_adam_rates() -> None:
+    """0.015 at stride 16, 0.02 at stride 32, 0.015 at head, the engine's rate elsewhere and with
+    the paper's optimizer or an explicit rate (EfficientNetLite0.default_adam_lr)."""
     from invviz.engine.loop import ADAM_LR, PAPER_LR
-    from invviz.representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR
+    from invviz.representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR, MID_ADAM_LR
 
     rates = {layer: Settings().resolved(EfficientNetLite0(layer, weights="random")).lr for layer in EfficientNetLite0.layers}
+    mid = {f"blocks.{i}" for i in range(5, 11)}
     deep = {f"blocks.{i}" for i in range(11, 16)}
-    assert all(rates[layer] == DEEP_ADAM_LR for layer in deep) and rates["head"] == HEAD_ADAM_LR
-    assert all(rate == ADAM_LR for layer, rate in rates.items() if layer not in {*deep, "head"})
+    assert all(rates[layer] == MID_ADAM_LR for layer in mid) and rates["head"] == HEAD_ADAM_LR
+    assert all(rates[layer] == DEEP_ADAM_LR for layer in deep)
+    assert all(rate == ADAM_LR for layer, rate in rates.items() if layer not in {*mid, *deep, "head"})
     head = EfficientNetLite0("head", weights="random")
     assert Settings(optimizer="paper").resolved(head).lr == PAPER_LR
     assert Settings(lr=0.05).resolved(head).lr == 0.05

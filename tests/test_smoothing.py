@@ -190,7 +190,7 @@ def test_lite0_defaults_by_stride_and_zero_elsewhere() -> None:
         return value
 
     layers = ("blocks.1", "blocks.4", "blocks.5", "blocks.10", "blocks.11", "blocks.15", "head")
-    assert [default(f"efficientnet_lite0:{layer}") for layer in layers] == [3.0, 3.0, 1.5, 1.5, 1.0, 1.0, 0.75]
+    assert [default(f"efficientnet_lite0:{layer}") for layer in layers] == [3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.75]
     assert default("hog") == 0.0 and default("tiny:conv2") == 0.0
     assert Settings(optimizer="paper").resolved(representation("efficientnet_lite0:blocks.4")).rectifier_smoothing == 0.0
     assert Settings(rectifier_smoothing=0.0).resolved(representation("efficientnet_lite0:blocks.4")).rectifier_smoothing == 0.0
