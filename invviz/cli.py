@@ -44,7 +44,15 @@ from .representations import (
 from .representations._base import DEFAULT_ITERS
 from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
-from .representations.efficientnet import DEEP_ADAM_LR, HEAD_ADAM_LR, MID_ADAM_LR
+from .representations.efficientnet import (
+    DEEP_ADAM_LR,
+    DEEP_SMOOTHING,
+    HEAD_ADAM_LR,
+    HEAD_SMOOTHING,
+    MID_ADAM_LR,
+    MID_SMOOTHING,
+    SHALLOW_SMOOTHING,
+)
 
 
 class UsageError(Exception):
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {MID_ADAM_LR:g} for efficientnet_lite0 blocks.5-10, {DEEP_ADAM_LR:g} for blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
     inv.add_argument("--rectifier-smoothing", type=non_negative_float,
-                     help="how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: 3 / 1 / 0.5 at Lite0's stride up to 8 / 16 / 32, 0 with --optimizer paper); efficientnet_lite0 past stem only")
+                     help=f"how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: {SHALLOW_SMOOTHING:g} / {MID_SMOOTHING:g} / {DEEP_SMOOTHING:g} at Lite0's stride up to 8 / 16 / 32, {HEAD_SMOOTHING:g} at its head, 0 with --optimizer paper); efficientnet_lite0 past stem only")
     inv.add_argument("--rectifier-slope", type=non_negative_float,
                      help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,

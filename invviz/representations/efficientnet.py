@@ -44,6 +44,9 @@ HEAD_TV_WEIGHT = 0.1
 #: Adam's rates for the stride-16 blocks, the stride-32 blocks and ``head`` (see
 #: ``EfficientNetLite0.default_adam_lr``).
 MID_ADAM_LR, DEEP_ADAM_LR, HEAD_ADAM_LR = 0.015, 0.02, 0.015
+#: The inner rectifiers' smoothing widths up to stride 8, at stride 16, at stride 32 and at ``head``
+#: (see ``EfficientNetLite0.default_rectifier_smoothing``).
+SHALLOW_SMOOTHING, MID_SMOOTHING, DEEP_SMOOTHING, HEAD_SMOOTHING = 3.0, 2.0, 1.0, 0.75
 # TensorFlow's BatchNorm epsilon, which the weights were trained with (torch's default is 1e-5).
 _BN_EPS = 1e-3
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -453,8 +456,9 @@ class EfficientNetLite0(Representation):
         On the 7 grey photos (``grey=True``, width 2) 0.02 read 0.121-0.122 at blocks.8 / 10
         against 0.128-0.129 at 0.03.
 
-        Earlier measurements, before that width: at 200 steps on the 8 scikit-image photos and on 8 more (camera, moon, coins,
-        grass, gravel, brick, cat, clock), error of the 8-bit PNG, mean over each set: ``head``
+        Earlier measurements, before that width: at 200 steps on the 8 scikit-image photos and on
+        8 more (camera, moon, coins, grass, gravel, brick, cat, clock), error of the 8-bit PNG,
+        mean over each set: ``head``
         0.198 → 0.168 and 0.147 → 0.129 (0.01 / 0.0125 / 0.0175 / 0.02 read 0.18-0.19 on the first
         set; the max 0.317 → 0.232, roughest result 1.36 → 1.19× its photo); blocks.15 0.125 → 0.116
         and 0.115 → 0.095; blocks.11 / 12 / 13 0.095 / 0.098 / 0.100 → 0.093 / 0.094 / 0.094. At
@@ -463,9 +467,8 @@ class EfficientNetLite0(Representation):
         """
         if self.layer == "head":
             return HEAD_ADAM_LR
-        if not self.is_spatial or self.stride() < 16:
-            return None
-        return DEEP_ADAM_LR if self.stride() >= 32 else MID_ADAM_LR
+        stride = self.stride() if self.is_spatial else 0
+        return DEEP_ADAM_LR if stride >= 32 else MID_ADAM_LR if stride >= 16 else None
 
     @property
     def smooths_rectifiers(self) -> bool:
@@ -483,17 +486,17 @@ class EfficientNetLite0(Representation):
         scikit-image photos, 200 steps, mean / max error). Against session 17's 1 / 0.5 / 0.5:
         stride 16 (blocks.5 … blocks.10) read 0.003-0.004 lower in the mean, with blocks.5 and
         blocks.7 now 8 of 8 within 0.15 (max 0.167 → 0.145, 0.155 → 0.142); 2 was no better at
-        Adam's 0.03, but with the slower rate 0.015 (``default_adam_lr``) it took stride 16 to 0.081-0.108
-        in the mean and the worst photo at blocks.8-10 to 0.145-0.151. Stride 32
+        Adam's 0.03, but with the slower rate 0.015 (``default_adam_lr``) it took stride 16 to
+        0.081-0.108 in the mean and the worst photo at blocks.8-10 to 0.145-0.151. Stride 32
         (blocks.11 … blocks.15) read 0.006-0.008 lower (blocks.12 0.086 → 0.078); 1.5 was no better.
         ``head`` went 0.162 / 0.241 → 0.140 / 0.191 (tv 0.08) and 0.142 / 0.188 (tv 0.1); 1.5 and 2
         were worse again (GPU: 0.152 and 0.168)."""
         if not self.smooths_rectifiers:
             return 0.0
         if self.layer == "head":
-            return 0.75
+            return HEAD_SMOOTHING
         stride = self.stride()
-        return 3.0 if stride <= 8 else 2.0 if stride <= 16 else 1.0
+        return SHALLOW_SMOOTHING if stride <= 8 else MID_SMOOTHING if stride <= 16 else DEEP_SMOOTHING
 
     def default_colour_basis(self) -> ColourBasis:
         """``rgb`` at ``head``, the opponent basis elsewhere. At ``head`` (200 steps, the 8 scikit-image
