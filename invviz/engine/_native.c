@@ -94,7 +94,8 @@ void invviz_clamp_into(float *fine, float *out, size_t count, int threads)
 #pragma omp parallel for num_threads(threads) if (threads > 1 && count >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; ++i) {
         float value = fine[i];
-        float clamped = value < 0.0f ? 0.0f : (value > 1.0f ? 1.0f : value);
+        float clamped = value > 0.0f ? value : 0.0f; /* one select per line: see below */
+        clamped = clamped < 1.0f ? clamped : 1.0f;
         fine[i] = clamped;
         out[i] = clamped;
     }
@@ -108,11 +109,18 @@ void invviz_smoothed_relu6_backward(const float *grad, const float *pre, float *
                                     int threads)
 {
     const float width = (float)width_, scale = (float)(0.5 / width_);
-#pragma omp parallel for num_threads(threads) if (threads > 1 && count >= PARALLEL_MIN) schedule(static)
+    /* One select per line, so that the compiler makes each a min or max instruction and the loop
+     * vectorizes: nested selects compiled to a compare and a branch per element, which
+     * mispredicted on real activations (5-10 times slower than torch's ReLU6 backward on this
+     * project's AMD EPYC machine; the engine's step went 1.6-1.8 times a bare pass). */
+#pragma omp parallel for simd num_threads(threads) if (threads > 1 && count >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < count; ++i) {
         float x = pre[i];
-        float ramp = ((x < 6.0f - x ? x : 6.0f - x) + width) * scale;
-        out[i] = grad[i] * (ramp < 0.0f ? 0.0f : (ramp > 1.0f ? 1.0f : ramp));
+        float nearer = x < 6.0f - x ? x : 6.0f - x;
+        float ramp = (nearer + width) * scale;
+        ramp = ramp > 0.0f ? ramp : 0.0f;
+        ramp = ramp < 1.0f ? ramp : 1.0f;
+        out[i] = grad[i] * ramp;
     }
 }
 
