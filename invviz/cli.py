@@ -30,7 +30,7 @@ from .engine.analyses import (
     window_mask,
 )
 from .engine.jobs import TimeLeft, time_left_text
-from .engine.loop import ADAM_LR, COLOUR_BASES, OPTIMIZERS, PAPER_LR
+from .engine.loop import ADAM_LR, COLOUR_BASES, OPTIMIZERS, PAPER_LR, PAPER_MOMENTUM
 from .images import image_grid, load_image, save_image
 from .representations import (
     Representation,
@@ -41,11 +41,12 @@ from .representations import (
     model_options,
     representation,
 )
-from .representations._base import DEFAULT_ITERS
+from .representations._base import ADAM_MOMENTUM, DEFAULT_ITERS
 from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
 from .representations.efficientnet import (
     DEEP_ADAM_LR,
+    DEEP_ADAM_MOMENTUM,
     DEEP_SMOOTHING,
     HEAD_ADAM_LR,
     HEAD_SMOOTHING,
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--alpha", type=positive_float, default=Settings.alpha, help=f"α-norm exponent (default {Settings.alpha:g})")
     inv.add_argument("--jitter", type=non_negative_int, default=Settings.jitter, help="max random shift in pixels per step (default 0: off)")
     inv.add_argument("--lr", type=positive_float, help=f"learning rate (default: adam {ADAM_LR:g}, {MID_ADAM_LR:g} for efficientnet_lite0 blocks.5-10, {DEEP_ADAM_LR:g} for blocks.11-15, {HEAD_ADAM_LR:g} for its head, {SHALLOW_LR:g} for hog/hogb/dsift; paper {PAPER_LR:g})")
+    inv.add_argument("--momentum", type=non_negative_float,
+                     help=f"adam's first-moment decay β1, or the paper's SGD momentum; from 0 to below 1 (default {ADAM_MOMENTUM:g}, {DEEP_ADAM_MOMENTUM:g} for efficientnet_lite0 from blocks.3 on; paper {PAPER_MOMENTUM:g})")
     inv.add_argument("--rectifier-smoothing", type=non_negative_float,
                      help=f"how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: {SHALLOW_SMOOTHING:g} / {MID_SMOOTHING:g} / {DEEP_SMOOTHING:g} at Lite0's stride up to 8 / 16 / 32, {HEAD_SMOOTHING:g} at its head, 0 with --optimizer paper); efficientnet_lite0 past stem only")
     inv.add_argument("--rectifier-slope", type=non_negative_float,
@@ -335,6 +338,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         colour_basis=args.colour_basis,
         chroma_rate=Settings.chroma_rate if args.chroma_rate is None else args.chroma_rate,
         grey=args.grey,
+        momentum=args.momentum,
     )
     torch.manual_seed(args.seed)
     progress = ProgressBar(rep.spec, enabled=not args.quiet)

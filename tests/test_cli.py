@@ -236,6 +236,8 @@ BAD_INPUTS = {
     "grey for a grey code": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--grey"], "grey images already"),
     "chroma rate for a grey reconstruction": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--grey", "--chroma-rate", "0.3"], "--grey reconstructs grey ones"),
     "colour TV for a grey reconstruction": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--grey", "--tv-chroma", "1"], "--grey reconstructs grey images"),
+    "momentum of 1": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--momentum", "1"], "momentum must be below 1"),
+    "negative momentum": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--momentum", "-0.5"], "at least 0"),
     "unknown colour basis": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--colour-basis", "hsv"], "invalid choice"),
     "weights for a model without": (lambda t, p: ["layers", "hog", "--weights", "random"], "has no weights"),
     "nan pixel in a float image": (lambda t, p: ["invert", _float_tiff(t / "nan.tiff", float("nan")), "--rep", "tiny:conv1", "--out", t / "o.png"], "NaN or infinite"),
@@ -303,7 +305,7 @@ def test_features_writes_exactly_the_path_given(tmp_path, photo, capsys) -> None
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
-    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start", "--chroma-rate", "--rectifier-smoothing"):
+    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start", "--chroma-rate", "--rectifier-smoothing", "--momentum"):
         code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 

@@ -153,6 +153,12 @@ class Settings:
       step's cost; the paper's optimizer works on one channel. ``colour_basis`` and
       ``chroma_rate`` then do nothing. Grayscale representations (HOG, HOGb, DSIFT) reconstruct
       grey images anyway.
+    - ``momentum``: Adam's first-moment decay β1, or the paper's SGD momentum, from 0 to below 1.
+      ``None``: 0.9 with the paper's optimizer (the CVPR code's), with Adam the representation's
+      default (``Representation.default_adam_momentum``): Adam's own 0.9, and 0.95 for Lite0
+      from stride 8 on, where a longer memory of the gradient took the 200-step error of every
+      layer measured lower (8 photos: blocks.4 0.086 → 0.080, blocks.15 0.097 → 0.080, ``head``
+      0.142 → 0.129 mean; the README's table has every layer).
     - ``polish``: rounds of 8-bit polishing after the last step (``engine.polish``): the result is
       rounded to 8 bits, as a PNG stores it, and searched on that grid, one level at a time, block
       by block, keeping only moves that lower the true feature error. The result is then exactly
@@ -182,6 +188,7 @@ class Settings:
     colour_basis: ColourBasis | None = None
     chroma_rate: float = 0.5
     grey: bool = False
+    momentum: float | None = None
 
     def __post_init__(self) -> None:
         # numpy and other numbers as plain Python ones (values stay JSON-able in the metrics).
@@ -236,6 +243,9 @@ class Settings:
         finite("feature_power", self.feature_power, positive=True)
         finite("start_noise", self.start_noise)
         finite("chroma_rate", self.chroma_rate, positive=True, optional=False)
+        finite("momentum", self.momentum)
+        if self.momentum is not None and self.momentum >= 1:
+            raise ValueError(f"momentum must be below 1, got {self.momentum}")
         check_rectifier_slope(self.rectifier_slope)
         if self.rectifier_smoothing is not None:
             check_smoothing(self.rectifier_smoothing)
@@ -265,6 +275,11 @@ class Settings:
             start_noise=self.start_noise if self.start_noise is not None else rep.default_start_noise(),
             polish=self.polish if self.polish is not None else rep.default_polish(iters),
             colour_basis=self.colour_basis or rep.default_colour_basis(),
+            momentum=(
+                self.momentum
+                if self.momentum is not None
+                else PAPER_MOMENTUM if paper else rep.default_adam_momentum()
+            ),
         )
 
 
@@ -281,12 +296,16 @@ MAX_EXPONENT = 16.0
 #: steps on every Lite0 layer swept (blocks.2 to head, 8 photos; mean error 0.003-0.011 lower).
 #: Lite0's deepest layers take lower rates (``EfficientNetLite0.default_adam_lr``).
 ADAM_LR = 0.03
+#: Adam's second-moment decay (torch's default).
+ADAM_BETA2 = 0.999
 #: Standard deviation of the start images' noise around the mean pixel where there is noise (HOG,
 #: HOGb and DSIFT by default, and ``restarts``); see ``Settings.start_noise``.
 START_NOISE = 0.05
 #: Base rate of the CVPR schedule for [0, 1] pixels and the normalized loss (the CVPR code's 0.004
 #: is for 0–255 pixels and un-normalized priors). Picked from 0.5–500 on Lite0 blocks.4/12 at 112².
 PAPER_LR = 50.0
+#: The CVPR code's momentum (its SGD's, and Adam's own first-moment decay β1 by default).
+PAPER_MOMENTUM = 0.9
 #: CVPR schedule: fractions of the run and the learning-rate multiplier of each (100/200/100 of 400).
 PAPER_SCHEDULE = ((0.25, 1.0), (0.5, 0.1), (0.25, 0.01))
 #: The final fraction of steps run without jitter, so the result is aligned with the target.
@@ -568,6 +587,12 @@ class _Pyramid:
         return raw if raw is self.levels[0] else raw + excess
 
 
+def _betas(settings: Settings) -> tuple[float, float]:
+    """Adam's ``(β1, β2)``: the settings' momentum and Adam's own second-moment decay."""
+    assert settings.momentum is not None
+    return settings.momentum, ADAM_BETA2
+
+
 def _learning_rate(settings: Settings, step: int) -> float:
     assert settings.lr is not None and settings.iters is not None
     progress = step / settings.iters
@@ -611,12 +636,12 @@ def _torch_stepper(
     """One step with autograd and a torch optimizer: ``(step, rate, TV factor) → (images, term values)``."""
     optimizer: torch.optim.Optimizer
     if settings.optimizer == "paper":
-        optimizer = torch.optim.SGD(pyramid.levels, lr=_learning_rate(settings, 0), momentum=0.9)
+        optimizer = torch.optim.SGD(pyramid.levels, lr=_learning_rate(settings, 0), momentum=_betas(settings)[0])
     elif pyramid.basis is not None:
-        optimizer = ColourAdam(pyramid.levels, pyramid.basis, lr=_learning_rate(settings, 0))
+        optimizer = ColourAdam(pyramid.levels, pyramid.basis, lr=_learning_rate(settings, 0), betas=_betas(settings))
     else:
         # The fused kernel does the whole update in one pass: a third of the default's cost.
-        optimizer = torch.optim.Adam(pyramid.levels, lr=_learning_rate(settings, 0), fused=True)
+        optimizer = torch.optim.Adam(pyramid.levels, lr=_learning_rate(settings, 0), betas=_betas(settings), fused=True)
 
     tv_names = _tv_terms(objective)
 
@@ -645,6 +670,7 @@ def _native_stepper(
     check: Callable[[dict[str, list[float]], int], None],
     fused_priors: bool,
     network: Representation | None,
+    betas: tuple[float, float],
 ) -> Stepper:
     """One Adam step with the fused CPU kernels around the network: autograd only for the terms
     that need it (the data term), then one kernel call for the pixel priors' values and gradients
@@ -700,7 +726,7 @@ def _native_stepper(
         priors_setting = (tv_scale, tv_prior.exponent, tv_prior.chroma, TV_EPSILON, alpha_scale, alpha_prior.exponent)
         # One call: the priors' gradients into ``grad``, each level's gradient, Adam on every level.
         tv_values, alpha_values = levels.update(
-            images, grad.contiguous() if prepared is None else grad, rate, priors_setting
+            images, grad.contiguous() if prepared is None else grad, rate, priors_setting, betas
         )
         if tv_name:
             found[tv_name] = [value * tv_scale for value in tv_values]
@@ -885,7 +911,7 @@ def invert(
     if native:
         # The kernels prepare the network's input themselves where the image reaches it unshifted.
         network = rep if channels == 3 and not settings.jitter else None
-        take_step = _native_stepper(pyramid, objective, view, shifted, check, channels == 3, network)
+        take_step = _native_stepper(pyramid, objective, view, shifted, check, channels == 3, network, _betas(settings))
     else:
         take_step = _torch_stepper(pyramid, objective, settings, view, shifted, check)
 

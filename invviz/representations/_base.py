@@ -20,6 +20,9 @@ from ._geometry import Box, Window, axis_geometry, clipped_window_box, window_bo
 DEFAULT_ITERS = 200
 #: The TV weight's first-step multiple (``Settings.tv_start``) when none is given.
 TV_START = 2.0
+#: Adam's first-moment decay β1 (``Settings.momentum``) when neither the settings nor the
+#: representation ask for another: Adam's own.
+ADAM_MOMENTUM = 0.9
 #: Runs shorter than this many steps start with more TV at stride 8 and up (``default_tv_start``).
 SHORT_RUN = 200
 
@@ -269,6 +272,11 @@ class Representation(nn.Module):
         Used by ``Settings.resolved`` when no ``lr`` is given and the optimizer is Adam.
         """
         return None
+
+    def default_adam_momentum(self) -> float:
+        """Adam's first-moment decay β1 (``Settings.momentum``) when none is given: Adam's own 0.9
+        (``ADAM_MOMENTUM``)."""
+        return ADAM_MOMENTUM
 
     @classmethod
     def measure_layers(cls, reps: Sequence[Representation], height: int, width: int) -> dict[str, LayerMeasure]:

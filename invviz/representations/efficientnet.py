@@ -44,6 +44,8 @@ HEAD_TV_WEIGHT = 0.1
 #: Adam's rates for the stride-16 blocks, the stride-32 blocks and ``head`` (see
 #: ``EfficientNetLite0.default_adam_lr``).
 MID_ADAM_LR, DEEP_ADAM_LR, HEAD_ADAM_LR = 0.015, 0.02, 0.015
+#: Adam's first-moment decay β1 from stride 8 on (see ``EfficientNetLite0.default_adam_momentum``).
+DEEP_ADAM_MOMENTUM = 0.95
 #: The inner rectifiers' smoothing widths up to stride 8, at stride 16, at stride 32 and at ``head``
 #: (see ``EfficientNetLite0.default_rectifier_smoothing``).
 SHALLOW_SMOOTHING, MID_SMOOTHING, DEEP_SMOOTHING, HEAD_SMOOTHING = 3.0, 2.0, 1.0, 0.75
@@ -469,6 +471,24 @@ class EfficientNetLite0(Representation):
             return HEAD_ADAM_LR
         stride = self.stride() if self.is_spatial else 0
         return DEEP_ADAM_LR if stride >= 32 else MID_ADAM_LR if stride >= 16 else None
+
+    def default_adam_momentum(self) -> float:
+        """Adam's first-moment decay β1 (``Settings.momentum``): 0.95 (``DEEP_ADAM_MOMENTUM``) from
+        stride 8 on (``blocks.3`` to ``head``, ``pool`` and ``logits``), Adam's own 0.9 before.
+
+        A longer memory averages out more of the step-to-step noise of the gradient through many
+        rectifiers. Session 19, 8 photos at 200 steps, mean / max error with 0.9 → 0.95: blocks.3
+        0.079 / 0.127 → 0.076 / 0.100, blocks.4 0.086 / 0.138 → 0.080 / 0.107, blocks.8 0.106 /
+        0.144 → 0.103 / 0.143, blocks.9 0.108 / 0.148 → 0.105 / 0.146, blocks.10 0.106 / 0.146 →
+        0.103 / 0.142, blocks.12 0.079 / 0.099 → 0.072 / 0.093, blocks.15 0.097 / 0.145 → 0.080 /
+        0.116, ``head`` 0.142 / 0.189 → 0.129 / 0.180 (and on 8 other 224² crops of the same
+        photos 0.152 / 0.215 → 0.139 / 0.194); 0.93 and 0.97 read as 0.95 at ``head``, 0.98 0.138
+        and 0.8 0.164. Before stride 8 it cost a little (blocks.1 0.047 → 0.049, blocks.2 0.063 →
+        0.064; stem 0.009 either way).
+        """
+        if not self.is_spatial or self.stride() >= 8:
+            return DEEP_ADAM_MOMENTUM
+        return super().default_adam_momentum()
 
     @property
     def smooths_rectifiers(self) -> bool:
