@@ -304,7 +304,7 @@ START_NOISE = 0.05
 #: Base rate of the CVPR schedule for [0, 1] pixels and the normalized loss (the CVPR code's 0.004
 #: is for 0–255 pixels and un-normalized priors). Picked from 0.5–500 on Lite0 blocks.4/12 at 112².
 PAPER_LR = 50.0
-#: The CVPR code's momentum (its SGD's, and Adam's own first-moment decay β1 by default).
+#: The CVPR code's SGD momentum, ``Settings.momentum`` with the paper's optimizer.
 PAPER_MOMENTUM = 0.9
 #: CVPR schedule: fractions of the run and the learning-rate multiplier of each (100/200/100 of 400).
 PAPER_SCHEDULE = ((0.25, 1.0), (0.5, 0.1), (0.25, 0.01))
@@ -588,7 +588,8 @@ class _Pyramid:
 
 
 def _betas(settings: Settings) -> tuple[float, float]:
-    """Adam's ``(β1, β2)``: the settings' momentum and Adam's own second-moment decay."""
+    """Adam's ``(β1, β2)``: the settings' momentum (the paper's SGD takes β1 as its momentum) and
+    Adam's own second-moment decay."""
     assert settings.momentum is not None
     return settings.momentum, ADAM_BETA2
 
@@ -635,13 +636,14 @@ def _torch_stepper(
 ) -> Stepper:
     """One step with autograd and a torch optimizer: ``(step, rate, TV factor) → (images, term values)``."""
     optimizer: torch.optim.Optimizer
+    betas = _betas(settings)
     if settings.optimizer == "paper":
-        optimizer = torch.optim.SGD(pyramid.levels, lr=_learning_rate(settings, 0), momentum=_betas(settings)[0])
+        optimizer = torch.optim.SGD(pyramid.levels, lr=_learning_rate(settings, 0), momentum=betas[0])
     elif pyramid.basis is not None:
-        optimizer = ColourAdam(pyramid.levels, pyramid.basis, lr=_learning_rate(settings, 0), betas=_betas(settings))
+        optimizer = ColourAdam(pyramid.levels, pyramid.basis, lr=_learning_rate(settings, 0), betas=betas)
     else:
         # The fused kernel does the whole update in one pass: a third of the default's cost.
-        optimizer = torch.optim.Adam(pyramid.levels, lr=_learning_rate(settings, 0), betas=_betas(settings), fused=True)
+        optimizer = torch.optim.Adam(pyramid.levels, lr=_learning_rate(settings, 0), betas=betas, fused=True)
 
     tv_names = _tv_terms(objective)
 
