@@ -45,12 +45,14 @@ from .representations._base import ADAM_MOMENTUM, DEFAULT_ITERS
 from .representations._shallow import ADAM_LR as SHALLOW_LR
 from .representations._shallow import SHALLOW_ITERS
 from .representations.efficientnet import (
+    BRANCH_GRADIENT,
     DEEP_ADAM_LR,
     DEEP_ADAM_MOMENTUM,
     DEEP_SMOOTHING,
     HEAD_ADAM_LR,
     HEAD_SMOOTHING,
     MID_ADAM_LR,
+    MID_BRANCH_GRADIENT,
     MID_SMOOTHING,
     SHALLOW_SMOOTHING,
 )
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"adam's first-moment decay β1, or the paper's SGD momentum; from 0 to below 1 (default {ADAM_MOMENTUM:g}, {DEEP_ADAM_MOMENTUM:g} for efficientnet_lite0 from blocks.3 on; paper {PAPER_MOMENTUM:g})")
     inv.add_argument("--rectifier-smoothing", type=non_negative_float,
                      help=f"how far the network's inner rectifiers are rounded off for the gradient at the first step, shrinking to 0 by the last (pre-activation units, 0 to 3; 0: the true gradient; default: {SHALLOW_SMOOTHING:g} / {MID_SMOOTHING:g} / {DEEP_SMOOTHING:g} at Lite0's stride up to 8 / 16 / 32, {HEAD_SMOOTHING:g} at its head, 0 with --optimizer paper); efficientnet_lite0 past stem only")
+    inv.add_argument("--branch-gradient", type=non_negative_float,
+                     help=f"with the smoothed gradient, the share of the gradient the residual blocks' branches pass back at the first step, rising to 1 by the last (0 to 1; 1: the true gradient; default {BRANCH_GRADIENT:g} for efficientnet_lite0, {MID_BRANCH_GRADIENT:g} for its blocks.5-10, 1 with --optimizer paper); efficientnet_lite0 past stem only")
     inv.add_argument("--rectifier-slope", type=non_negative_float,
                      help=f"gradient let through to switched-off units of a code ending in a rectifier (ReLU6, ReLU), 0 to 1 (default {Settings.rectifier_slope:g}; 0: the true gradient); only for such codes")
     inv.add_argument("--feature-power", type=positive_float,
@@ -331,6 +335,7 @@ def _invert_command(args: argparse.Namespace) -> None:
         seed=args.seed,
         rectifier_slope=Settings.rectifier_slope if args.rectifier_slope is None else args.rectifier_slope,
         rectifier_smoothing=args.rectifier_smoothing,
+        branch_gradient=args.branch_gradient,
         feature_power=args.feature_power,
         start_noise=args.start_noise,
         flat_regions=args.flat_regions,
@@ -379,6 +384,11 @@ def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
         raise UsageError(
             f"--rectifier-smoothing applies to networks with inner rectifiers it smooths (efficientnet_lite0 "
             f"past stem); {rep.spec} has none"
+        )
+    if args.branch_gradient is not None and not rep.smooths_rectifiers:
+        raise UsageError(
+            f"--branch-gradient applies to networks whose gradient the engine smooths (efficientnet_lite0 "
+            f"past stem); {rep.spec} is not one"
         )
     if not args.flat_regions and not rep.zero_means_flat:
         raise UsageError(f"--no-flat-regions applies to hog, hogb and dsift only, not {rep.spec}")

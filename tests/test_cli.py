@@ -226,6 +226,8 @@ BAD_INPUTS = {
     "negative window": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--window", "-1,0,2,2"], "non-negative"),
     "rectifier slope without a rectifier": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--rectifier-slope", "0.5"], "end in a rectifier"),
     "rectifier smoothing without inner rectifiers": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--rectifier-smoothing", "1"], "has none"),
+    "branch gradient without inner rectifiers": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--branch-gradient", "0.5"], "is not one"),
+    "branch gradient above 1": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.4", "--out", t / "o.png", "--branch-gradient", "1.5"], "branch_gradient"),
     "rectifier smoothing above 3": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.1", "--out", t / "o.png", "--rectifier-smoothing", "4"], "rectifier_smoothing"),
     "flat regions off for a CNN": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--no-flat-regions"], "hog, hogb and dsift only"),
     "polishing a vector code": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:logits", "--out", t / "o.png", "--polish", "5"], "spatial code"),
@@ -305,7 +307,7 @@ def test_features_writes_exactly_the_path_given(tmp_path, photo, capsys) -> None
 
 
 def test_nan_is_not_a_number_anywhere(tmp_path, photo, capsys) -> None:
-    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start", "--chroma-rate", "--rectifier-smoothing", "--momentum"):
+    for option in ("--tv-beta", "--tv-chroma", "--alpha-weight", "--lr", "--rectifier-slope", "--feature-power", "--tv-start", "--chroma-rate", "--rectifier-smoothing", "--momentum", "--branch-gradient"):
         code, _, err = run_cli(capsys, "invert", photo, "--rep", "tiny:conv1", "--out", tmp_path / "o.png", option, "nan")
         assert code == 2 and "finite" in err
 

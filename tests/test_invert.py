@@ -444,14 +444,16 @@ def test_grey_reconstructs_grey_images_closer_to_a_grey_photos_code() -> None:
     for name in ("chelsea", "coffee", "astronaut"):
         photo = sample_image(name, 64).mean(0, keepdim=True).expand(3, -1, -1).contiguous()
         for grey, found in errors.items():
-            result = invert(rep, photo, settings=Settings(iters=60, grey=grey), device="cpu")
+            result = invert(rep, photo, settings=Settings(iters=100, grey=grey), device="cpu")
             found.append(result.feature_error[0])
             if grey:
                 assert result.images.shape == (1, 3, 64, 64)
                 assert torch.equal(result.images[:, 0], result.images[:, 1])
                 assert torch.equal(result.images[:, 0], result.images[:, 2])
-    assert all(g < 1.05 * c for g, c in zip(errors[True], errors[False])), errors  # measured 0.76-1.01
-    # measured 0.93 (0.87 before the smoothed rectifier gradient lowered both)
+    # Measured 0.81-0.97, and 0.93 for the sum (session 22). In 60 steps the residual branches'
+    # gradient share (Settings.branch_gradient) left two of the three at 1.06-1.07, 0.99 for the
+    # sum; at 224² in 200 steps, on the 7 grey photos, grey still reads 0.110 against 0.117.
+    assert all(g < 1.05 * c for g, c in zip(errors[True], errors[False])), errors
     assert sum(errors[True]) < 0.97 * sum(errors[False]), errors
 
     tiny = representation("tiny:conv1")

@@ -38,8 +38,9 @@ def straight_through(width: float):  # type: ignore[no-untyped-def]
     return activation
 
 
-def reference_lite0(rep, images: torch.Tensor, activation) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Lite0's stages written out once more, with autograd and ``activation`` for every ReLU6."""
+def reference_lite0(rep, images: torch.Tensor, activation, branch: float = 1.0) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Lite0's stages written out once more, with autograd and ``activation`` for every ReLU6, and
+    each residual block's branch passing ``branch`` of its gradient (straight through its values)."""
 
     def conv_bn(layer: ConvBN, x: torch.Tensor) -> torch.Tensor:
         y = layer.conv(x)
@@ -53,7 +54,7 @@ def reference_lite0(rep, images: torch.Tensor, activation) -> torch.Tensor:  # t
             assert isinstance(stage, MBConv)
             y = conv_bn(stage.expand, x) if stage.expand is not None else x
             y = conv_bn(stage.project, conv_bn(stage.depthwise, y))
-            x = x + y if stage.residual else y
+            x = x + (y.detach() + branch * (y - y.detach())) if stage.residual else y
     return x
 
 
@@ -68,28 +69,34 @@ def test_the_smoothing_function_is_the_rounded_rectifiers_derivative(width: floa
     torch.testing.assert_close(smoothed_relu6_grad(grad, x.detach(), width), grad * expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize(("layer", "width", "size"), [("blocks.2", 3.0, (37, 50)), ("blocks.5", 1.0, (64, 48))])
-def test_lite0s_hand_written_gradient_is_the_straight_through_oracles(layer: str, width: float, size: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("layer", "width", "size", "branch"),
+    [("blocks.2", 3.0, (37, 50), 1.0), ("blocks.5", 1.0, (64, 48), 1.0), ("blocks.6", 2.0, (45, 64), 0.3)],
+)
+def test_lite0s_hand_written_gradient_is_the_straight_through_oracles(
+    layer: str, width: float, size: tuple[int, int], branch: float
+) -> None:
     """In float64, on odd and even sizes (stride-2 "same" padding of both kinds), through ``rep(x)``
     and the engine's prepared input: values are the network's, the gradient autograd's of a
-    network whose ReLU6s pass ``rounded_relu6``'s gradient (straight through its true values)."""
+    network whose ReLU6s pass ``rounded_relu6``'s gradient (straight through its true values) and
+    whose residual branches pass ``branch`` of theirs."""
     rep = representation(f"efficientnet_lite0:{layer}").double()
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(2, 3, *size, generator=generator, dtype=torch.float64)
     weights = torch.randn_like(rep(images))
     x = images.clone().requires_grad_(True)
-    expected_code = reference_lite0(rep, x, straight_through(width))
+    expected_code = reference_lite0(rep, x, straight_through(width), branch)
     (expected,) = torch.autograd.grad((expected_code * weights).sum(), x)
     torch.testing.assert_close(expected_code.detach(), rep(images), rtol=1e-12, atol=1e-12)  # the layouts' rounding
     for backward in (None, _native.smoothed_relu6_backward_for_run()):  # the CPU kernel falls back on float64
         y = images.clone().requires_grad_(True)
-        with rectifier_smoothing(width, backward):
+        with rectifier_smoothing(width, backward, branch):
             code = rep(y)
             (got,) = torch.autograd.grad((code * weights).sum(), y)
         assert torch.equal(code.detach(), rep(images))
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
         prepared = rep.input_layout(*size).prepare(images).requires_grad_(True)
-        with rectifier_smoothing(width, backward):
+        with rectifier_smoothing(width, backward, branch):
             code = rep.forward_prepared(prepared)
             (through_prepared,) = torch.autograd.grad((code * weights).sum(), prepared)
         assert torch.equal(code.detach().contiguous(), rep(images))
@@ -156,6 +163,50 @@ def test_widths_out_of_range_are_refused(bad: float) -> None:
         Settings(rectifier_smoothing=bad)
 
 
+def test_the_branch_share_changes_the_gradient_and_nothing_else() -> None:
+    """A branch share below 1 changes Lite0's input gradient (it has residual blocks from blocks.2
+    on) but not its values; before blocks.2, where there is no residual block, it changes nothing."""
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    for layer, changes in (("blocks.1", False), ("blocks.4", True)):
+        rep = representation(f"efficientnet_lite0:{layer}")
+        gradients, codes = [], []
+        for branch in (1.0, 0.5):
+            x = images.clone().requires_grad_(True)
+            with rectifier_smoothing(1.0, None, branch):
+                code = rep(x)
+                gradients.append(torch.autograd.grad(code.square().sum(), x)[0])
+            codes.append(code.detach())
+        assert torch.equal(codes[0], codes[1])
+        assert torch.equal(gradients[0], gradients[1]) is not changes
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True])
+def test_branch_shares_out_of_range_are_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="branch_gradient"), rectifier_smoothing(1.0, None, bad):
+        pass
+    with pytest.raises(ValueError, match="branch_gradient"):
+        Settings(branch_gradient=bad)
+
+
+def test_branch_gradient_defaults_and_schedule() -> None:
+    """0.7 for Lite0's stride-16 layers, 0.5 for its others (1 with the paper's optimizer and for
+    networks the engine does not smooth), rising linearly to 1 as the smoothing width falls to 0."""
+    head = representation("efficientnet_lite0:head")
+    layers = ("blocks.4", "blocks.5", "blocks.10", "blocks.11", "head")
+    assert [Settings().resolved(representation(f"efficientnet_lite0:{layer}")).branch_gradient for layer in layers] == [
+        0.5, 0.7, 0.7, 0.5, 0.5
+    ]
+    assert Settings(optimizer="paper").resolved(head).branch_gradient == 1.0
+    assert Settings(branch_gradient=0.8).resolved(head).branch_gradient == 0.8
+    assert Settings().resolved(representation("efficientnet_lite0:stem")).branch_gradient == 1.0
+    assert Settings().resolved(representation("hog")).branch_gradient == 1.0
+    settings = Settings(iters=100).resolved(head)
+    assert engine_loop._smoothing(settings, 0) == (0.75, 0.5)
+    assert engine_loop._smoothing(settings, 50) == (0.375, 0.75)
+    width, branch = engine_loop._smoothing(settings, 99)
+    assert width == pytest.approx(0.0075) and branch == pytest.approx(0.995)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("width", [0.5, 3.0])
 def test_the_cpu_kernel_equals_the_torch_formulation(channels_last: bool, width: float) -> None:
@@ -199,16 +250,18 @@ def test_lite0_defaults_by_stride_and_zero_elsewhere() -> None:
 def test_the_engine_shrinks_the_width_to_zero_and_reports_the_true_error(monkeypatch) -> None:
     rep = representation("efficientnet_lite0:blocks.1")
     photo = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(3))
-    widths = []
+    widths, branches = [], []
     real = engine_loop.rectifier_smoothing
 
-    def spy(width, backward=None):
+    def spy(width, backward=None, branch=1.0):
         widths.append(width)
-        return real(width, backward)
+        branches.append(branch)
+        return real(width, backward, branch)
 
     monkeypatch.setattr(engine_loop, "rectifier_smoothing", spy)
     result = invert(rep, photo, settings=Settings(iters=8, rectifier_smoothing=2.0), device="cpu")
     assert widths == pytest.approx([2.0 * (1 - step / 8) for step in range(8)])
+    assert branches == pytest.approx([1 - 0.5 * (1 - step / 8) for step in range(8)])
     # A custom objective gets the network's true gradient.
     from invviz import match
 
@@ -216,7 +269,7 @@ def test_the_engine_shrinks_the_width_to_zero_and_reports_the_true_error(monkeyp
     with torch.no_grad():
         code = rep(photo[None])
     invert(rep, photo, objective=match(rep, code), settings=Settings(iters=3, rectifier_smoothing=2.0), device="cpu")
-    assert widths == [0.0, 0.0, 0.0]
+    assert widths == [0.0, 0.0, 0.0] and branches[-3:] == [1.0, 1.0, 1.0]
     with torch.no_grad():
         target = rep(photo[None])
         error = float((rep(result.image[None]) - target).norm() / target.norm())

@@ -266,6 +266,11 @@ class Representation(nn.Module):
         representations without smoothable rectifiers."""
         return 0.0
 
+    def default_branch_gradient(self) -> float:
+        """The share of the gradient passed back through the network's residual branches at the
+        first step (``Settings.branch_gradient``) when none is given: 1, the true gradient."""
+        return 1.0
+
     def default_adam_lr(self) -> float | None:
         """Adam learning rate that suits this representation; ``None`` keeps the engine's default.
 

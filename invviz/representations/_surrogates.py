@@ -10,7 +10,9 @@ brings them back inside only. Used by the engine for codes that end in a clamp (
 Inside a network, the gradient of ReLU6 can be that of a smoothed ReLU6
 (``smoothed_relu6_grad``): while the calling thread is inside ``rectifier_smoothing(width)`` (the
 engine's steps), a network that supports it (EfficientNet-Lite0) takes its input gradient with
-each inner ReLU6's gradient smoothed. Its values are always ReLU6's.
+each inner ReLU6's gradient smoothed, and with its residual blocks' branches passing ``branch`` of
+their gradient back while their skip connections pass all of theirs. Its values are always the
+network's own.
 """
 
 from __future__ import annotations
@@ -94,21 +96,24 @@ def check_smoothing(value: object) -> float:
 
 
 @contextmanager
-def rectifier_smoothing(width: float, backward: Backward | None = None) -> Iterator[None]:
+def rectifier_smoothing(width: float, backward: Backward | None = None, branch: float = 1.0) -> Iterator[None]:
     """While inside, in this thread, networks that support it take their input gradient with each
-    inner ReLU6's gradient smoothed by this ``width`` (0: ReLU6's own), computed by ``backward``
-    (default: torch's formulation; the engine passes its one-pass CPU kernel)."""
+    inner ReLU6's gradient smoothed by this ``width`` (0: ReLU6's own, and nothing else changed),
+    computed by ``backward`` (default: torch's formulation; the engine passes its one-pass CPU
+    kernel), and with ``branch`` (1: all) of the gradient passed back through each residual
+    block's convolutions, the skip connection passing all of its own."""
     check_smoothing(width)
+    check_slope("branch_gradient", branch)
     before = getattr(_smoothing, "state", None)
-    _smoothing.state = (width, backward or smoothed_relu6_grad) if width > 0 else None
+    _smoothing.state = (width, backward or smoothed_relu6_grad, branch) if width > 0 else None
     try:
         yield
     finally:
         _smoothing.state = before
 
 
-def current_smoothing() -> tuple[float, Backward] | None:
-    """The width (> 0) and backward of the innermost ``rectifier_smoothing`` this thread is in, or
-    ``None`` (outside any, or inside one of width 0)."""
-    state: tuple[float, Backward] | None = getattr(_smoothing, "state", None)
+def current_smoothing() -> tuple[float, Backward, float] | None:
+    """The width (> 0), backward and branch share of the innermost ``rectifier_smoothing`` this
+    thread is in, or ``None`` (outside any, or inside one of width 0)."""
+    state: tuple[float, Backward, float] | None = getattr(_smoothing, "state", None)
     return state
