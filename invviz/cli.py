@@ -390,6 +390,13 @@ def _check_applicable(args: argparse.Namespace, rep: Representation) -> None:
             f"--branch-gradient applies to networks whose gradient the engine smooths (efficientnet_lite0 "
             f"past stem); {rep.spec} is not one"
         )
+    smoothing_off = args.rectifier_smoothing == 0 or (args.rectifier_smoothing is None and args.optimizer == "paper")
+    if args.branch_gradient is not None and args.branch_gradient != 1 and smoothing_off:
+        raise UsageError(
+            "--branch-gradient acts through the smoothed gradient, which "
+            + ("--rectifier-smoothing 0" if args.rectifier_smoothing == 0 else "--optimizer paper")
+            + " turns off; give --rectifier-smoothing above 0 too"
+        )
     if not args.flat_regions and not rep.zero_means_flat:
         raise UsageError(f"--no-flat-regions applies to hog, hogb and dsift only, not {rep.spec}")
     if args.polish and not rep.is_spatial:

@@ -227,6 +227,8 @@ BAD_INPUTS = {
     "rectifier slope without a rectifier": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--rectifier-slope", "0.5"], "end in a rectifier"),
     "rectifier smoothing without inner rectifiers": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:stem", "--out", t / "o.png", "--rectifier-smoothing", "1"], "has none"),
     "branch gradient without inner rectifiers": (lambda t, p: ["invert", p, "--rep", "hog", "--out", t / "o.png", "--branch-gradient", "0.5"], "is not one"),
+    "branch gradient without smoothing": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.4", "--out", t / "o.png", "--branch-gradient", "0.5", "--rectifier-smoothing", "0"], "--rectifier-smoothing 0 turns off"),
+    "branch gradient with the paper's optimizer": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.4", "--out", t / "o.png", "--branch-gradient", "0.5", "--optimizer", "paper"], "--optimizer paper turns off"),
     "branch gradient above 1": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.4", "--out", t / "o.png", "--branch-gradient", "1.5"], "branch_gradient"),
     "rectifier smoothing above 3": (lambda t, p: ["invert", p, "--rep", "efficientnet_lite0:blocks.1", "--out", t / "o.png", "--rectifier-smoothing", "4"], "rectifier_smoothing"),
     "flat regions off for a CNN": (lambda t, p: ["invert", p, "--rep", "tiny:conv1", "--out", t / "o.png", "--no-flat-regions"], "hog, hogb and dsift only"),

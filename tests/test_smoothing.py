@@ -188,6 +188,20 @@ def test_branch_shares_out_of_range_are_refused(bad: float) -> None:
         Settings(branch_gradient=bad)
 
 
+def test_a_branch_share_without_the_smoothed_gradient_is_refused() -> None:
+    """The share acts in the smoothed gradient's backward only: asking for less than 1 with that
+    turned off (explicitly, or by the paper's optimizer) is an error, not a silent no-op."""
+    with pytest.raises(ValueError, match="rectifier_smoothing=0 turns off"):
+        Settings(rectifier_smoothing=0.0, branch_gradient=0.5)
+    with pytest.raises(ValueError, match='optimizer="paper" turns off'):
+        Settings(optimizer="paper", branch_gradient=0.5)
+    head = representation("efficientnet_lite0:head")
+    assert Settings(optimizer="paper", rectifier_smoothing=1.0, branch_gradient=0.5).resolved(head).branch_gradient == 0.5
+    # 1, the true gradient, asks for nothing; and with the smoothing off the default is 1.
+    assert Settings(rectifier_smoothing=0.0, branch_gradient=1.0).resolved(head).branch_gradient == 1.0
+    assert Settings(rectifier_smoothing=0.0).resolved(head).branch_gradient == 1.0
+
+
 def test_branch_gradient_defaults_and_schedule() -> None:
     """0.7 for Lite0's stride-16 layers, 0.5 for its others (1 with the paper's optimizer and for
     networks the engine does not smooth), rising linearly to 1 as the smoothing width falls to 0."""

@@ -124,8 +124,9 @@ class Settings:
     - ``branch_gradient``: with the smoothed gradient (``rectifier_smoothing`` > 0), the share of
       the gradient each residual block's branch (its convolutions) passes back at the first step,
       rising linearly to 1 (the true gradient) as the smoothing width falls to 0; the skip
-      connections pass all of theirs, and values and the reported error are the network's own.
-      ``None``: the representation's default (``Representation.default_branch_gradient``; 0.7 at
+      connections pass all of theirs, and values and the reported error are the network's own
+      (a share below 1 with that gradient turned off, by ``rectifier_smoothing=0`` or the paper's
+      optimizer without it, is an error). ``None``: the representation's default (``Representation.default_branch_gradient``; 0.7 at
       Lite0's stride 16, 0.5 at its other layers, 1 for networks the engine does not smooth, and 1
       with the paper's optimizer). A block's skip connection passes a change of the image on
       unaltered, its branch through rectifying convolutions; weighing the skips more steers the
@@ -263,6 +264,13 @@ class Settings:
             check_smoothing(self.rectifier_smoothing)
         if self.branch_gradient is not None:
             check_slope("branch_gradient", self.branch_gradient)
+            smoothing_off = self.rectifier_smoothing == 0 or (self.rectifier_smoothing is None and self.optimizer == "paper")
+            if smoothing_off and self.branch_gradient != 1:
+                raise ValueError(
+                    "branch_gradient acts through the smoothed gradient, which "
+                    + ("rectifier_smoothing=0" if self.rectifier_smoothing == 0 else 'optimizer="paper"')
+                    + " turns off; give rectifier_smoothing above 0 too"
+                )
         if not isinstance(self.flat_regions, bool):
             raise ValueError(f"flat_regions must be True or False, got {self.flat_regions!r}")  # noqa: TRY004
         if not isinstance(self.grey, bool):
@@ -272,21 +280,22 @@ class Settings:
         """These settings with every ``None`` replaced by the representation's default."""
         paper = self.optimizer == "paper"
         iters = self.iters if self.iters is not None else rep.default_iters()
+        smoothing = (
+            self.rectifier_smoothing
+            if self.rectifier_smoothing is not None
+            else 0.0 if paper else rep.default_rectifier_smoothing()
+        )
         return replace(
             self,
             iters=iters,
             lr=self.lr if self.lr is not None else (PAPER_LR if paper else rep.default_adam_lr() or ADAM_LR),
             tv_weight=self.tv_weight if self.tv_weight is not None else rep.default_tv_weight(),
             tv_start=self.tv_start if self.tv_start is not None else rep.default_tv_start(iters),
-            rectifier_smoothing=(
-                self.rectifier_smoothing
-                if self.rectifier_smoothing is not None
-                else 0.0 if paper else rep.default_rectifier_smoothing()
-            ),
+            rectifier_smoothing=smoothing,
             branch_gradient=(
                 self.branch_gradient
                 if self.branch_gradient is not None
-                else 1.0 if paper else rep.default_branch_gradient()
+                else 1.0 if paper or smoothing == 0 else rep.default_branch_gradient()
             ),
             tv_chroma=self.tv_chroma if self.tv_chroma is not None else rep.default_tv_chroma(),
             feature_power=self.feature_power if self.feature_power is not None else (2.0 if paper else 1.0),
