@@ -959,8 +959,8 @@ def invert(
             stopped = True
             break
         tv_factor = _tv_factor(settings, step) if scheduled else 1.0
-        width, branch = _smoothing(settings, step) if scheduled else (0.0, 1.0)
-        with rectifier_smoothing(width, smoothed_backward, branch):
+        smoothing, branch = _smoothing(settings, step) if scheduled else (0.0, 1.0)
+        with rectifier_smoothing(smoothing, smoothed_backward, branch):
             last_good, values = take_step(step, _learning_rate(settings, step), tv_factor)
         steps = step + 1
         for name, per_image in values.items():
